@@ -1,0 +1,2 @@
+"""algorithms of torchrl_depeff."""
+from __future__ import annotations

@@ -1,0 +1,2 @@
+"""collectors of torchrl_depeff."""
+from __future__ import annotations

@@ -1,0 +1,2 @@
+"""data of torchrl_depeff."""
+from __future__ import annotations

@@ -1,0 +1,2 @@
+"""envs of torchrl_depeff."""
+from __future__ import annotations

@@ -1,0 +1,2 @@
+"""modules of torchrl_depeff."""
+from __future__ import annotations

@@ -1,0 +1,2 @@
+"""objectives of torchrl_depeff."""
+from __future__ import annotations

@@ -1,0 +1,2 @@
+"""optim of torchrl_depeff."""
+from __future__ import annotations
