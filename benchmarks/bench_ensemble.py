@@ -1,0 +1,242 @@
+"""Dynamics-ensemble speed figures, one JSON line per figure, all measured in the same run.
+
+Run: ``python benchmarks/bench_ensemble.py`` (add ``--quick`` for a short smoke run).
+
+Figures:
+  * ``gemm``: float32 GEMM throughput of a matmul sized like the BREMEN hidden layer.
+  * ``layer_variants``: fwd+bwd of one 1024x1024 ensemble layer for several kernel layouts.
+  * ``train_step``: forward+backward+Adam of an ensemble train step at BREMEN size
+    (5 x [23 -> 1024 -> 1024 -> 17] ReLU, 1000 rows per member) and MB2PO size
+    (5 x [23 -> 4 x 200 -> 36] swish, 256 rows per member) for our EnsembleMLP
+    (bmm / loop / auto), a Python loop over 5 nn.Sequential, and torch.vmap over stacked params.
+  * ``grouped_predict``: ``DynamicsEnsemble.predict(member_index=...)`` padded vs loop vs
+    computing every member then gathering.
+Each figure is one function ``bench_<name>(args) -> list[dict]`` so more can be added.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from torchrl_depeff.modules.ensemble import DynamicsEnsemble, EnsembleMLP
+
+E = 5
+SIZES = {
+    # name: (in, hidden, out, activation, rows per member)
+    "bremen": (23, (1024, 1024), 17, nn.ReLU, 1000),
+    "mb2po": (23, (200, 200, 200, 200), 36, nn.SiLU, 256),
+}
+
+
+def _timeit(fn: Callable[[], object], min_time: float, warmup: int = 3) -> float:
+    """Seconds per call (median of 5 blocks totalling about ``min_time`` seconds).
+
+    Warm-up runs at least ``warmup`` calls and at least ``min_time / 2`` seconds: the first
+    tens of train steps in a fresh process are up to 20x slower on this machine (allocator
+    page faults), which a 3-call warm-up does not absorb.
+    """
+    t_end = time.perf_counter() + min_time / 2
+    done = 0
+    while done < warmup or time.perf_counter() < t_end:
+        fn()
+        done += 1
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-6)
+    reps = max(1, int(min_time / one / 5))
+    blocks = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        blocks.append((time.perf_counter() - t0) / reps)
+    blocks.sort()
+    return blocks[2]
+
+
+def _emit(record: dict) -> dict:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def _mlp_flops(in_f: int, hidden: tuple[int, ...], out_f: int, rows: int) -> float:
+    sizes = [in_f, *hidden, out_f]
+    return 2.0 * rows * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+# ----------------------------------------------------------------------------- figures
+def bench_gemm(args: argparse.Namespace) -> list[dict]:
+    """float32 GEMM throughput, [1000, 1024] @ [1024, 1024] (the BREMEN hidden layer)."""
+    a, b = torch.randn(1000, 1024), torch.randn(1024, 1024)
+    sec = _timeit(lambda: a @ b, args.min_time)
+    gflops = 2 * 1000 * 1024 * 1024 / sec / 1e9
+    return [_emit({"figure": "gemm", "shape": [1000, 1024, 1024], "gflops": round(gflops, 2)})]
+
+
+def bench_layer_variants(args: argparse.Namespace, gemm_gflops: float) -> list[dict]:
+    """fwd+bwd of one ensemble layer 1024 -> 1024, per-member input [5, 1000, 1024]."""
+    n, d = 1000, 1024
+    x = torch.randn(E, n, d, requires_grad=True)
+    w = torch.randn(E, d, d, requires_grad=True)  # [E, in, out]
+    wt = torch.randn(E, d, d, requires_grad=True)  # [E, out, in] (nn.Linear layout)
+    b = torch.randn(E, 1, d, requires_grad=True)
+    g = torch.randn(E, n, d)
+    variants = {
+        "baddbmm_[E,in,out]": lambda: torch.baddbmm(b, x, w),
+        "bmm+bias_[E,in,out]": lambda: torch.bmm(x, w) + b,
+        "baddbmm_[E,out,in]^T": lambda: torch.baddbmm(b, x, wt.transpose(1, 2)),
+        "loop_addmm_[E,in,out]": lambda: torch.stack([torch.addmm(b[e], x[e], w[e]) for e in range(E)]),
+        "loop_linear_[E,out,in]": lambda: torch.stack(
+            [nn.functional.linear(x[e], wt[e], b[e, 0]) for e in range(E)]
+        ),
+    }
+    flops = 3 * 2.0 * E * n * d * d
+    out = []
+    for name, fn in variants.items():
+        def step(fn=fn):
+            fn().backward(g)
+        sec = _timeit(step, args.min_time)
+        out.append(_emit({
+            "figure": "layer_variants", "variant": name, "ms": round(sec * 1e3, 3),
+            "gflops": round(flops / sec / 1e9, 2), "frac_gemm": round(flops / sec / 1e9 / gemm_gflops, 3),
+        }))
+    return out
+
+
+def _make_train_steps(size: str) -> tuple[dict[str, Callable[[], None]], float]:
+    in_f, hidden, out_f, act, rows = SIZES[size]
+    x = torch.randn(E, rows, in_f)
+    y = torch.randn(E, rows, out_f)
+    steps: dict[str, Callable[[], None]] = {}
+
+    def ours(kernel: str) -> Callable[[], None]:
+        torch.manual_seed(0)
+        mlp = EnsembleMLP(E, in_f, out_f, num_cells=hidden, activation_class=act, kernel=kernel)
+        opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = 0.5 * (mlp(x, member_first=True) - y).pow(2).sum(-1).mean(-1).sum()
+            loss.backward()
+            opt.step()
+        return step
+
+    for kernel in ("bmm", "loop", "auto"):
+        steps[f"ours_{kernel}"] = ours(kernel)
+
+    def make_seq() -> nn.Sequential:
+        sizes = [in_f, *hidden, out_f]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(act())
+        return nn.Sequential(*layers)
+
+    members = [make_seq() for _ in range(E)]
+    opt_loop = torch.optim.Adam([p for m in members for p in m.parameters()], lr=1e-3)
+
+    def loop_step() -> None:
+        opt_loop.zero_grad(set_to_none=True)
+        loss = sum(0.5 * (m(x[e]) - y[e]).pow(2).sum(-1).mean() for e, m in enumerate(members))
+        loss.backward()
+        opt_loop.step()
+    steps["loop_sequential"] = loop_step
+
+    params, buffers = stack_module_state([make_seq() for _ in range(E)])
+    base = copy.deepcopy(members[0]).to("meta")
+    opt_vmap = torch.optim.Adam(list(params.values()), lr=1e-3)
+
+    def call(p, b, xe):
+        return functional_call(base, (p, b), (xe,))
+
+    vcall = torch.vmap(call)
+
+    def vmap_step() -> None:
+        opt_vmap.zero_grad(set_to_none=True)
+        loss = 0.5 * (vcall(params, buffers, x) - y).pow(2).sum(-1).mean(-1).sum()
+        loss.backward()
+        opt_vmap.step()
+    steps["vmap"] = vmap_step
+    flops = 3 * E * _mlp_flops(in_f, hidden, out_f, rows)  # fwd + bwd (2x fwd); Adam excluded
+    return steps, flops
+
+
+def bench_train_step(args: argparse.Namespace, gemm_gflops: float) -> list[dict]:
+    """Train-step throughput at BREMEN and MB2PO sizes, ours vs alternatives."""
+    records = []
+    for size in SIZES:
+        steps, flops = _make_train_steps(size)
+        secs = {name: _timeit(fn, args.min_time) for name, fn in steps.items()}
+        for name, sec in secs.items():
+            gf = flops / sec / 1e9
+            records.append(_emit({
+                "figure": "train_step", "size": size, "impl": name, "steps_per_s": round(1 / sec, 2),
+                "gflops": round(gf, 2), "frac_gemm": round(gf / gemm_gflops, 3),
+            }))
+        best_alt = min(secs["loop_sequential"], secs["vmap"])
+        records.append(_emit({
+            "figure": "train_step_ratio", "size": size,
+            "ours_auto_speed_over_best_alternative": round(best_alt / secs["ours_auto"], 3),
+        }))
+    return records
+
+
+def bench_grouped_predict(args: argparse.Namespace) -> list[dict]:
+    """predict(member_index=...) at BREMEN size, 10k rows: padded vs loop vs full+gather."""
+    torch.manual_seed(0)
+    n = 10_000 if not args.quick else 2_000
+    model = DynamicsEnsemble(17, 6, num_members=E, num_cells=(1024, 1024))
+    obs, act = torch.randn(n, 17), torch.randn(n, 6)
+    idx = torch.randint(E, (n,))
+
+    def full_gather() -> torch.Tensor:
+        loc = model.predict(obs, act).loc
+        return loc.gather(0, idx[None, :, None].expand(1, n, 17))[0]
+
+    def grouped(kind: str) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            model.grouped_kernel = kind
+            return model.predict(obs, act, member_index=idx).loc
+        return fn
+
+    records = []
+    with torch.no_grad():
+        for name, fn in (("padded", grouped("padded")), ("loop", grouped("loop")), ("full_gather", full_gather)):
+            sec = _timeit(fn, args.min_time)
+            records.append(_emit({"figure": "grouped_predict", "impl": name, "rows": n,
+                                  "ms": round(sec * 1e3, 3)}))
+    model.grouped_kernel = "padded"
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short timing blocks (smoke run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--only", default=None, help="comma-separated figure names")
+    args = parser.parse_args()
+    args.min_time = 0.2 if args.quick else 2.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only.split(",")) if args.only else None
+    _emit({"figure": "config", "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "quick": args.quick})
+    gemm = bench_gemm(args)[0]["gflops"]
+    if only is None or "layer_variants" in only:
+        bench_layer_variants(args, gemm)
+    if only is None or "train_step" in only:
+        bench_train_step(args, gemm)
+    if only is None or "grouped_predict" in only:
+        bench_grouped_predict(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,634 @@
+"""Vectorised ensembles of MLPs and the dynamics-model ensemble (BREMEN / MUSBO / MB2PO).
+
+All ensemble tensors are member-first, ``[E, *B, d]``. In a TensorDict whose batch is ``*B``
+per-member entries are written member-last in the batch dims, ``[*B, E, d]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import nn
+from torch.nn import functional as F
+
+from torchrl_depeff.modules.normalizers import Normalizer
+
+__all__ = [
+    "EnsembleLinear",
+    "EnsembleMLP",
+    "DynamicsEnsemble",
+    "EnsemblePrediction",
+]
+
+_KERNELS = ("auto", "bmm", "loop")
+
+# Measured on the 2-core AMD EPYC CPU this project runs on (benchmarks/bench_ensemble.py,
+# forward+backward+Adam, see benchmarks/README.md): per-member ``addmm`` on the stored weight
+# slices beats one ``baddbmm`` once a layer has at least this many weights per member
+# (e.g. the 1024x1024 BREMEN layer), while ``baddbmm`` wins for small layers (200x200,
+# MB2PO) where the per-call overhead of E separate GEMMs dominates.
+_CPU_LOOP_MIN_WEIGHTS = 512 * 512
+
+
+def _auto_cpu_kernel(in_features: int, out_features: int) -> str:
+    return "loop" if in_features * out_features >= _CPU_LOOP_MIN_WEIGHTS else "bmm"
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent affine maps ``y_e = x_e W_e + b_e`` evaluated together.
+
+    Weights are stored as ``weight [E, in, out]`` and ``bias [E, 1, out]``. The input is either
+    shared by all members, ``[*B, in]`` (it is never copied ``E`` times by the ``"loop"``
+    kernel and only expanded, stride 0, by ``"bmm"``), or per member, ``[E, *B, in]``. The
+    output is always ``[E, *B, out]``.
+
+    Each member is initialised independently exactly like :class:`torch.nn.Linear`
+    (Kaiming-uniform with ``a=sqrt(5)``, which is ``U(-1/sqrt(in), 1/sqrt(in))`` for the
+    weight, and the same bound for the bias): every element is an independent draw.
+
+    Kernels:
+        * ``"bmm"``: one batched matmul (``torch.baddbmm``) over all members.
+        * ``"loop"``: a loop over the ``E`` members, each an ``addmm`` on its stored weight
+          slice (never a loop over samples), stacked into ``[E, N, out]``.
+        * ``"auto"``: ``"bmm"`` on CUDA; on CPU ``"loop"`` when ``in * out >= 512 * 512``
+          and ``"bmm"`` otherwise. The rule was measured on this project's 2-core CPU with
+          ``benchmarks/bench_ensemble.py`` (numbers in ``benchmarks/README.md``): at BREMEN
+          size (1024 x 1024 layers) the member loop reaches a higher fraction of the GEMM
+          throughput than ``baddbmm``; at MB2PO size (200 x 200) batching wins.
+
+    Args:
+        num_members (int): ensemble size ``E`` (>= 1).
+        in_features (int): input size.
+        out_features (int): output size.
+        bias (bool, optional): learn a bias. Defaults to ``True``.
+        kernel (str, optional): ``"auto"``, ``"bmm"`` or ``"loop"``. Defaults to ``"auto"``.
+
+    Examples:
+        >>> layer = EnsembleLinear(5, 3, 2)
+        >>> layer(torch.randn(5, 10, 3)).shape  # per-member input
+        torch.Size([5, 10, 2])
+        >>> layer(torch.randn(7, 10, 3), member_first=False).shape  # shared input
+        torch.Size([5, 7, 10, 2])
+    """
+
+    def __init__(
+        self,
+        num_members: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_members", num_members),
+            ("in_features", in_features),
+            ("out_features", out_features),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EnsembleLinear {name} must be a positive int, got {value!r}")
+        if kernel not in _KERNELS:
+            raise ValueError(f"EnsembleLinear kernel must be one of {_KERNELS}, got {kernel!r}")
+        self.num_members = num_members
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = kernel
+        self._cpu_kernel = (
+            _auto_cpu_kernel(in_features, out_features) if kernel == "auto" else kernel
+        )
+        self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_members, 1, out_features))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw every member's weight and bias from ``U(-1/sqrt(in), 1/sqrt(in))``."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+
+    def _resolve_kernel(self, x: torch.Tensor) -> str:
+        if self.kernel == "auto" and x.is_cuda:
+            return "bmm"
+        return self._cpu_kernel
+
+    def forward(self, x: torch.Tensor, member_first: bool | None = None) -> torch.Tensor:
+        """Apply every member.
+
+        Args:
+            x (torch.Tensor): ``[E, *B, in]`` (per member) or ``[*B, in]`` (shared).
+            member_first (bool, optional): whether dim 0 of ``x`` indexes members. ``None``
+                (default) infers it: per member iff ``x.dim() >= 3`` and ``x.shape[0] == E``.
+                Pass it explicitly whenever a shared batch could start with ``E``.
+
+        Returns:
+            ``[E, *B, out]``.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"EnsembleLinear expected last dim {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        E = self.num_members
+        if member_first is None:
+            member_first = x.dim() >= 3 and x.shape[0] == E
+        if member_first:
+            if x.shape[0] != E:
+                raise ValueError(
+                    f"per-member input must have {E} members in dim 0, got shape {tuple(x.shape)}"
+                )
+            batch = x.shape[1:-1]
+            x2 = x.reshape(E, -1, self.in_features)
+        else:
+            batch = x.shape[:-1]
+            x2 = x.reshape(-1, self.in_features)
+        kernel = self._resolve_kernel(x)
+        if kernel == "loop":
+            outs = []
+            for e in range(E):
+                xe = x2[e] if member_first else x2
+                if self.bias is None:
+                    outs.append(xe @ self.weight[e])
+                else:
+                    outs.append(torch.addmm(self.bias[e], xe, self.weight[e]))
+            out = torch.stack(outs)
+        else:
+            if not member_first:
+                x2 = x2.expand(E, *x2.shape)
+            if self.bias is None:
+                out = torch.bmm(x2, self.weight)
+            else:
+                out = torch.baddbmm(self.bias, x2, self.weight)
+        return out.reshape(E, *batch, self.out_features)
+
+    def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Apply member ``member`` only, ``[N, in] -> [N, out]``."""
+        if self.bias is None:
+            return x @ self.weight[member]
+        return torch.addmm(self.bias[member], x, self.weight[member])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_members={self.num_members}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel!r}"
+        )
+
+
+class EnsembleMLP(nn.Module):
+    """An ensemble of ``E`` independent MLPs made of :class:`EnsembleLinear` layers.
+
+    Args:
+        num_members (int): ensemble size ``E``.
+        in_features (int): input size.
+        out_features (int): output size.
+        num_cells (sequence of int, optional): hidden sizes. Defaults to ``(200, 200)``.
+        activation_class (type, optional): hidden activation (e.g. ``nn.ReLU`` for BREMEN,
+            ``nn.SiLU`` = swish for MB2PO). Defaults to ``nn.ReLU``.
+        kernel (str, optional): kernel passed to every layer (see :class:`EnsembleLinear`).
+            Defaults to ``"auto"``.
+
+    Examples:
+        >>> mlp = EnsembleMLP(3, 4, 2, num_cells=(8, 8))
+        >>> mlp(torch.randn(10, 4), member_first=False).shape
+        torch.Size([3, 10, 2])
+        >>> mlp(torch.randn(3, 10, 4), member_first=True).shape
+        torch.Size([3, 10, 2])
+    """
+
+    def __init__(
+        self,
+        num_members: int,
+        in_features: int,
+        out_features: int,
+        num_cells: Sequence[int] = (200, 200),
+        activation_class: type[nn.Module] = nn.ReLU,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        sizes = [in_features, *list(num_cells), out_features]
+        self.num_members = num_members
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layers = nn.ModuleList(
+            EnsembleLinear(num_members, i, o, kernel=kernel) for i, o in zip(sizes[:-1], sizes[1:])
+        )
+        self.activations = nn.ModuleList(activation_class() for _ in range(len(sizes) - 2))
+
+    def forward(self, x: torch.Tensor, member_first: bool | None = None) -> torch.Tensor:
+        """``[*B, in]`` (shared) or ``[E, *B, in]`` (per member) -> ``[E, *B, out]``.
+
+        ``member_first`` is forwarded to the first layer (see :meth:`EnsembleLinear.forward`).
+        """
+        x = self.layers[0](x, member_first=member_first)
+        for act, layer in zip(self.activations, self.layers[1:]):
+            x = layer(act(x), member_first=True)
+        return x
+
+    def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Run member ``member`` only on ``[N, in]`` -> ``[N, out]``."""
+        x = self.layers[0].forward_member(x, member)
+        for act, layer in zip(self.activations, self.layers[1:]):
+            x = layer.forward_member(act(x), member)
+        return x
+
+
+class EnsemblePrediction(NamedTuple):
+    """Denormalised ensemble prediction (``scale``/``reward`` are ``None`` when absent)."""
+
+    loc: torch.Tensor
+    scale: torch.Tensor | None
+    reward: torch.Tensor | None
+
+
+class DynamicsEnsemble(TensorDictModuleBase):
+    r"""Ensemble of dynamics models predicting normalised state deltas (and optionally rewards).
+
+    Deterministic (BREMEN sec. 4.1 / App. F.1: ``K`` models, 2 x 1024 ReLU, trained with eq.
+    (1)) or probabilistic (MUSBO App. F, MB2PO: diagonal Gaussian over next state and reward,
+    4 x 200 swish). The network input is ``[observation, action]`` normalised by
+    ``input_normalizer``; the target is ``[next_obs - obs, reward]`` normalised by
+    ``target_normalizer`` (both fit with :meth:`fit_normalizers`).
+
+    Probabilistic heads output a mean and a log-variance; the log-variance is soft-bounded
+    with learnable per-member ``max_logvar`` / ``min_logvar`` parameters (Chua et al. 2018,
+    PETS, App. A.1):
+
+    .. math::
+        \log\sigma^2 = l_{\max} - \mathrm{softplus}(l_{\max} - h), \quad
+        \log\sigma^2 \leftarrow l_{\min} + \mathrm{softplus}(\log\sigma^2 - l_{\min}).
+
+    The bounds are kept per member (``[E, 1, d_out]``, unlike PETS's shared ones) so that a
+    member's loss sends gradients to that member's parameters only.
+
+    ``predict(..., member_index=idx)`` evaluates one member per row without computing every
+    member for every row: rows are sorted by member and packed into a padded
+    ``[E, max_rows, d]`` block that runs through the batched network once (``max_rows`` is
+    about ``N / E`` for a uniform draw). A per-member loop over each member's rows
+    (``grouped_kernel="loop"``) is also available; the padded block was faster in
+    ``benchmarks/bench_ensemble.py`` on this CPU for E = 5 (see benchmarks/README.md).
+
+    Args:
+        observation_dim (int): observation size.
+        action_dim (int): action size.
+        num_members (int, optional): ensemble size ``E``. Defaults to ``5``.
+        num_cells (sequence of int, optional): hidden sizes. Defaults to ``(1024, 1024)``.
+        activation (type, optional): hidden activation class. Defaults to ``nn.ReLU``.
+        probabilistic (bool, optional): Gaussian heads. Defaults to ``False``.
+        predict_reward (bool, optional): also predict the reward. Defaults to ``False``.
+        min_log_var (float, optional): initial ``min_logvar``. Defaults to ``-10.0``.
+        max_log_var (float, optional): initial ``max_logvar``. Defaults to ``0.5``.
+        num_elites (int, optional): number of elite members (MB2PO); defaults to all.
+
+    Keyword Args:
+        kernel (str, optional): kernel of the :class:`EnsembleLinear` layers. Defaults to ``"auto"``.
+        grouped_kernel (str, optional): ``"padded"`` or ``"loop"``, how ``member_index`` is
+            evaluated. Defaults to ``"padded"``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(16,), probabilistic=True,
+        ...                          predict_reward=True)
+        >>> td = TensorDict({"observation": torch.randn(10, 3), "action": torch.randn(10, 2)}, [10])
+        >>> out = model(td)
+        >>> out["loc"].shape, out["scale"].shape, out["reward"].shape
+        (torch.Size([10, 4, 3]), torch.Size([10, 4, 3]), torch.Size([10, 4, 1]))
+        >>> pred = model.predict(td["observation"], td["action"])
+        >>> pred.loc.shape
+        torch.Size([4, 10, 3])
+        >>> idx = torch.randint(4, (10,))
+        >>> model.predict(td["observation"], td["action"], member_index=idx).loc.shape
+        torch.Size([10, 3])
+    """
+
+    elite_indices: torch.Tensor
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        num_members: int = 5,
+        num_cells: Sequence[int] = (1024, 1024),
+        activation: type[nn.Module] = nn.ReLU,
+        probabilistic: bool = False,
+        predict_reward: bool = False,
+        min_log_var: float = -10.0,
+        max_log_var: float = 0.5,
+        num_elites: int | None = None,
+        *,
+        kernel: str = "auto",
+        grouped_kernel: str = "padded",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_members, int) or num_members < 1:
+            raise ValueError(f"num_members must be an int >= 1, got {num_members!r}")
+        for name, value in (("observation_dim", observation_dim), ("action_dim", action_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if any((not isinstance(c, int)) or c < 1 for c in num_cells):
+            raise ValueError(f"num_cells must be positive ints, got {tuple(num_cells)!r}")
+        if num_elites is None:
+            num_elites = num_members
+        if not 1 <= num_elites <= num_members:
+            raise ValueError(f"num_elites must be in [1, {num_members}], got {num_elites}")
+        if min_log_var >= max_log_var:
+            raise ValueError(
+                f"min_log_var ({min_log_var}) must be smaller than max_log_var ({max_log_var})"
+            )
+        if grouped_kernel not in ("padded", "loop"):
+            raise ValueError(f"grouped_kernel must be 'padded' or 'loop', got {grouped_kernel!r}")
+        self.observation_dim = observation_dim
+        self.action_dim = action_dim
+        self.num_members = num_members
+        self.probabilistic = bool(probabilistic)
+        self.predict_reward = bool(predict_reward)
+        self.num_elites = num_elites
+        self.grouped_kernel = grouped_kernel
+        self.target_dim = observation_dim + int(self.predict_reward)
+        self.in_keys = ["observation", "action"]
+        self.out_keys = (
+            ["loc"] + (["scale"] if self.probabilistic else []) + (["reward"] if self.predict_reward else [])
+        )
+        self.input_normalizer = Normalizer(observation_dim + action_dim)
+        self.target_normalizer = Normalizer(self.target_dim)
+        self.network = EnsembleMLP(
+            num_members,
+            observation_dim + action_dim,
+            self.target_dim * (2 if self.probabilistic else 1),
+            num_cells=num_cells,
+            activation_class=activation,
+            kernel=kernel,
+        )
+        if self.probabilistic:
+            self.max_logvar = nn.Parameter(torch.full((num_members, 1, self.target_dim), float(max_log_var)))
+            self.min_logvar = nn.Parameter(torch.full((num_members, 1, self.target_dim), float(min_log_var)))
+        else:
+            self.register_parameter("max_logvar", None)
+            self.register_parameter("min_logvar", None)
+        self.register_buffer("elite_indices", torch.arange(num_elites))
+
+    # ------------------------------------------------------------------ checks
+    def _check_inputs(
+        self, observation: torch.Tensor, action: torch.Tensor, member_first: bool
+    ) -> None:
+        if observation.shape[-1] != self.observation_dim:
+            raise ValueError(
+                f"observation last dim must be {self.observation_dim}, got shape {tuple(observation.shape)}"
+            )
+        if action.shape[-1] != self.action_dim:
+            raise ValueError(
+                f"action last dim must be {self.action_dim}, got shape {tuple(action.shape)}"
+            )
+        if observation.shape[:-1] != action.shape[:-1]:
+            raise ValueError(
+                f"observation batch shape {tuple(observation.shape[:-1])} does not match "
+                f"action batch shape {tuple(action.shape[:-1])}"
+            )
+        if member_first and (observation.dim() < 2 or observation.shape[0] != self.num_members):
+            raise ValueError(
+                f"member_first inputs need {self.num_members} members in dim 0, got shape {tuple(observation.shape)}"
+            )
+
+    # ------------------------------------------------------------------ normalised space
+    def _bound_logvar(self, raw: torch.Tensor, max_logvar: torch.Tensor, min_logvar: torch.Tensor) -> torch.Tensor:
+        # PETS (Chua et al. 2018, App. A.1) soft bounds
+        log_var = max_logvar - F.softplus(max_logvar - raw)
+        return min_logvar + F.softplus(log_var - min_logvar)
+
+    def _split_heads(
+        self, out: torch.Tensor, max_logvar: torch.Tensor | None, min_logvar: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.probabilistic:
+            return out, None
+        mean, raw = out.chunk(2, dim=-1)
+        return mean, self._bound_logvar(raw, max_logvar, min_logvar)
+
+    def _net_input(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.input_normalizer.normalize(torch.cat([observation, action], dim=-1))
+
+    def forward_normalized(
+        self, observation: torch.Tensor, action: torch.Tensor, *, member_first: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and log-variance of the normalised target, ``[E, *B, d_out]`` each.
+
+        Args:
+            observation (torch.Tensor): ``[*B, obs_dim]`` (shared) or ``[E, *B, obs_dim]``.
+            action (torch.Tensor): ``[*B, act_dim]`` or ``[E, *B, act_dim]``.
+
+        Keyword Args:
+            member_first (bool, optional): whether inputs are per member. Defaults to ``False``.
+
+        Returns:
+            ``(mean, log_var)``; ``log_var`` is ``None`` for a deterministic ensemble.
+        """
+        self._check_inputs(observation, action, member_first)
+        x = self._net_input(observation, action)
+        E = self.num_members
+        batch = x.shape[1:-1] if member_first else x.shape[:-1]
+        x = x.reshape(E, -1, x.shape[-1]) if member_first else x.reshape(-1, x.shape[-1])
+        out = self.network(x, member_first=member_first)  # [E, N, d]
+        mean, log_var = self._split_heads(out, self.max_logvar, self.min_logvar)
+        mean = mean.reshape(E, *batch, self.target_dim)
+        if log_var is not None:
+            log_var = log_var.reshape(E, *batch, self.target_dim)
+        return mean, log_var
+
+    def normalized_target(
+        self,
+        observation: torch.Tensor,
+        next_observation: torch.Tensor,
+        reward: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalised regression target ``[next_obs - obs, reward]``, ``[..., d_out]``.
+
+        Args:
+            observation (torch.Tensor): ``[..., obs_dim]``.
+            next_observation (torch.Tensor): ``[..., obs_dim]``.
+            reward (torch.Tensor, optional): ``[..., 1]`` (or ``[...]``); required iff
+                ``predict_reward``.
+        """
+        return self.target_normalizer.normalize(self._raw_target(observation, next_observation, reward))
+
+    def _raw_target(
+        self,
+        observation: torch.Tensor,
+        next_observation: torch.Tensor,
+        reward: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if next_observation.shape != observation.shape:
+            raise ValueError(
+                f"next_observation shape {tuple(next_observation.shape)} differs from "
+                f"observation shape {tuple(observation.shape)}"
+            )
+        delta = next_observation - observation
+        if not self.predict_reward:
+            return delta
+        if reward is None:
+            raise ValueError("predict_reward=True but no reward was given")
+        if reward.shape == observation.shape[:-1]:
+            reward = reward.unsqueeze(-1)
+        if reward.shape != (*observation.shape[:-1], 1):
+            raise ValueError(
+                f"reward must have shape {(*observation.shape[:-1], 1)}, got {tuple(reward.shape)}"
+            )
+        return torch.cat([delta, reward.to(delta.dtype)], dim=-1)
+
+    @torch.no_grad()
+    def fit_normalizers(
+        self,
+        observation: torch.Tensor,
+        action: torch.Tensor,
+        next_observation: torch.Tensor,
+        reward: torch.Tensor | None = None,
+    ) -> None:
+        """Refit both normalisers on a dataset (any batch shape).
+
+        Args:
+            observation (torch.Tensor): ``[..., obs_dim]``.
+            action (torch.Tensor): ``[..., act_dim]``.
+            next_observation (torch.Tensor): ``[..., obs_dim]``.
+            reward (torch.Tensor, optional): ``[..., 1]``; required iff ``predict_reward``.
+        """
+        self._check_inputs(observation, action, False)
+        self.input_normalizer.fit(torch.cat([observation, action], dim=-1))
+        self.target_normalizer.fit(self._raw_target(observation, next_observation, reward))
+
+    # ------------------------------------------------------------------ data space
+    def _to_prediction(
+        self, observation: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor | None
+    ) -> EnsemblePrediction:
+        target = self.target_normalizer.denormalize(mean)
+        d = self.observation_dim
+        loc = observation + target[..., :d]
+        reward = target[..., d:] if self.predict_reward else None
+        scale = None
+        if log_var is not None:
+            scale = self.target_normalizer.denormalize_scale(torch.exp(0.5 * log_var))[..., :d]
+        return EnsemblePrediction(loc, scale, reward)
+
+    def predict(
+        self,
+        observation: torch.Tensor,
+        action: torch.Tensor,
+        member_index: torch.Tensor | None = None,
+        *,
+        member_first: bool = False,
+    ) -> EnsemblePrediction:
+        """Denormalised next-observation mean (obs + delta), std and reward mean.
+
+        Args:
+            observation (torch.Tensor): ``[*B, obs_dim]`` (or ``[E, *B, obs_dim]`` with
+                ``member_first=True``).
+            action (torch.Tensor): matching actions.
+            member_index (torch.LongTensor, optional): ``[*B]`` member used for each row. If
+                given, outputs are ``[*B, d]`` and each row is evaluated by its member only.
+
+        Keyword Args:
+            member_first (bool, optional): per-member inputs (without ``member_index``).
+
+        Returns:
+            :class:`EnsemblePrediction` with ``[E, *B, d]`` tensors (``[*B, d]`` with
+            ``member_index``).
+        """
+        if member_index is None:
+            mean, log_var = self.forward_normalized(observation, action, member_first=member_first)
+            return self._to_prediction(observation, mean, log_var)
+        if member_first:
+            raise ValueError("member_index cannot be combined with member_first=True")
+        self._check_inputs(observation, action, False)
+        if member_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"member_index must be an integer tensor, got dtype {member_index.dtype}")
+        batch = observation.shape[:-1]
+        if member_index.shape != batch:
+            raise ValueError(
+                f"member_index shape {tuple(member_index.shape)} must equal the batch shape {tuple(batch)}"
+            )
+        x = self._net_input(observation, action).reshape(-1, self.observation_dim + self.action_dim)
+        idx = member_index.reshape(-1).long()
+        if self.grouped_kernel == "padded":
+            out_rows = self._grouped_padded(x, idx)
+        else:
+            out_rows = self._grouped_loop(x, idx)
+        mean, log_var = out_rows
+        mean = mean.reshape(*batch, self.target_dim)
+        if log_var is not None:
+            log_var = log_var.reshape(*batch, self.target_dim)
+        return self._to_prediction(observation, mean, log_var)
+
+    def _grouped_padded(
+        self, x: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        E, N = self.num_members, x.shape[0]
+        sorted_idx, perm = torch.sort(idx, stable=True)
+        counts = torch.bincount(idx, minlength=E)
+        offsets = counts.cumsum(0) - counts
+        pos = torch.arange(N, device=x.device) - offsets[sorted_idx]
+        max_rows = int(counts.max()) if N > 0 else 0
+        padded = x.new_zeros(E, max_rows, x.shape[-1])
+        padded[sorted_idx, pos] = x[perm]
+        out = self.network(padded, member_first=True)  # [E, max_rows, d]
+        mean, log_var = self._split_heads(out, self.max_logvar, self.min_logvar)
+        mean_rows = mean.new_empty(N, mean.shape[-1])
+        mean_rows[perm] = mean[sorted_idx, pos]
+        if log_var is None:
+            return mean_rows, None
+        lv_rows = log_var.new_empty(N, log_var.shape[-1])
+        lv_rows[perm] = log_var[sorted_idx, pos]
+        return mean_rows, lv_rows
+
+    def _grouped_loop(
+        self, x: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        E, N = self.num_members, x.shape[0]
+        sorted_idx, perm = torch.sort(idx, stable=True)
+        counts = torch.bincount(idx, minlength=E).tolist()
+        width = self.network.out_features
+        out = x.new_empty(N, width)
+        start = 0
+        for e in range(E):
+            rows = perm[start : start + counts[e]]
+            start += counts[e]
+            if counts[e] == 0:
+                continue
+            out[rows] = self.network.forward_member(x[rows], e)
+        if not self.probabilistic:
+            return out, None
+        mean, raw = out.chunk(2, dim=-1)
+        return mean, self._bound_logvar(raw, self.max_logvar[idx, 0], self.min_logvar[idx, 0])
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Write ``"loc"`` ``[*B, E, obs_dim]`` (+ ``"scale"``, ``"reward"`` ``[*B, E, 1]``)."""
+        observation = tensordict.get(self.in_keys[0])
+        action = tensordict.get(self.in_keys[1])
+        pred = self.predict(observation, action)
+        tensordict.set("loc", pred.loc.movedim(0, -2))
+        if pred.scale is not None:
+            tensordict.set("scale", pred.scale.movedim(0, -2))
+        if pred.reward is not None:
+            tensordict.set("reward", pred.reward.movedim(0, -2))
+        return tensordict
+
+    # ------------------------------------------------------------------ elites
+    @torch.no_grad()
+    def set_elites(self, holdout_losses: torch.Tensor) -> torch.Tensor:
+        """Keep the ``num_elites`` members with the lowest holdout loss (NaN counts as worst).
+
+        Args:
+            holdout_losses (torch.Tensor): ``[E]``.
+
+        Returns:
+            the new ``elite_indices`` (sorted ascending by member index).
+        """
+        if holdout_losses.shape != (self.num_members,):
+            raise ValueError(
+                f"holdout_losses must have shape ({self.num_members},), got {tuple(holdout_losses.shape)}"
+            )
+        losses = torch.nan_to_num(holdout_losses.detach().float(), nan=float("inf"))
+        elites = torch.topk(losses, self.num_elites, largest=False).indices.sort().values
+        self.elite_indices.copy_(elites.to(self.elite_indices.device))
+        return self.elite_indices
