@@ -1,0 +1,306 @@
+"""Fit routine of the dynamics ensemble: holdout split, per-member early stopping, elites."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import tqdm
+from tensordict import TensorDict, TensorDictBase
+from torchrl._utils import logger as torchrl_logger
+
+from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+from torchrl_depeff.objectives.dynamics import EnsembleDynamicsLoss
+
+__all__ = ["EnsembleTrainer", "FitResult"]
+
+_OBS, _ACT, _NEXT_OBS, _REWARD = "observation", "action", ("next", "observation"), ("next", "reward")
+
+
+@dataclass
+class FitResult:
+    """Outcome of :meth:`EnsembleTrainer.fit`.
+
+    Attributes:
+        train_loss (torch.Tensor): ``[E]`` mean training loss of each member during its best epoch.
+        holdout_loss (torch.Tensor): ``[E]`` best holdout loss of each member (that of the
+            restored parameters).
+        epochs (int): number of epochs run.
+        best_epoch (torch.Tensor): ``[E]`` 0-based epoch whose parameters each member kept.
+        elites (torch.Tensor): elite member indices after the fit.
+    """
+
+    train_loss: torch.Tensor
+    holdout_loss: torch.Tensor
+    epochs: int
+    best_epoch: torch.Tensor
+    elites: torch.Tensor
+
+
+class EnsembleTrainer:
+    """Fits a :class:`~torchrl_depeff.modules.DynamicsEnsemble` on a transition dataset.
+
+    Procedure of one :meth:`fit` call (BREMEN Alg. 1 line 4 / App. F.1, MUSBO App. F, MBPO):
+
+    1. flatten the data to ``[N]``; raise ``ValueError`` naming the key and count of NaN/inf;
+    2. holdout split by a permutation seeded with ``seed`` (the same data gives the same split),
+       ``min(int(holdout_ratio * N), max_holdout)`` rows held out (85/15 by default, MUSBO
+       App. F). With ``holdout_ratio=0`` the training set is used for early stopping;
+    3. refit both normalisers on ALL the data (train + holdout);
+    4. epochs of Adam steps in which every member sees its own independently shuffled
+       permutation of the training set, in ``[E, batch_size]`` minibatches (one batched step
+       for all members, :class:`EnsembleDynamicsLoss` with per-member batches);
+    5. after each epoch, the per-member holdout loss. The holdout score is the per-member mean
+       squared error in normalised target space for both deterministic and probabilistic
+       ensembles (as MBPO does: it does not reward a member for inflating its variance);
+    6. per-member early stopping: a member improves when its holdout loss drops by more than
+       1% relative to its best so far (MBPO's threshold ``(best - cur) / |best| > 0.01``); its
+       parameters are then snapshotted. Training stops once every member has gone ``patience``
+       epochs without improvement (or after ``max_epochs``), and each member's best parameter
+       slices are restored with one masked copy per parameter tensor;
+    7. elites = the ``num_elites`` members with the lowest best holdout loss.
+
+    The Adam optimiser persists across calls (warm start across deployments) and is part of
+    :meth:`state_dict`, with the epoch/step counters and the shuffling generator.
+
+    Args:
+        ensemble (DynamicsEnsemble): model to fit (its parameters must all be member-first ``[E, ...]``).
+
+    Keyword Args:
+        lr (float): Adam learning rate. Defaults to ``1e-3`` (BREMEN App. F.1, MB2PO).
+        weight_decay (float): Adam weight decay (MB2PO uses ``1e-4``). Defaults to ``0.0``.
+        batch_size (int): rows per member per step. Defaults to ``256``.
+        holdout_ratio (float): fraction held out, in ``[0, 1)``. Defaults to ``0.15``.
+        max_epochs (int): epoch cap per call. Defaults to ``100``.
+        patience (int): epochs without improvement before a member stops. Defaults to ``5``.
+        max_holdout (int): cap on the holdout size. Defaults to ``5000``.
+        loss_type (str, optional): ``"mse"`` or ``"nll"``; defaults to ``"nll"`` for a
+            probabilistic ensemble, ``"mse"`` otherwise.
+        logger (torchrl Logger, optional): receives ``model/train_loss_m{i}`` and
+            ``model/holdout_loss_m{i}`` every epoch (step = epochs run over all calls).
+        progress (bool): tqdm progress bar over epochs. Defaults to ``False``.
+        seed (int): seed of the holdout split and of the shuffling generator. Defaults to ``0``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+        >>> model = DynamicsEnsemble(3, 1, num_members=3, num_cells=(32,), num_elites=2)
+        >>> obs, act = torch.randn(200, 3), torch.randn(200, 1)
+        >>> data = TensorDict({"observation": obs, "action": act,
+        ...                    ("next", "observation"): obs + 0.1 * act}, [200])
+        >>> trainer = EnsembleTrainer(model, max_epochs=3, batch_size=64)
+        >>> result = trainer.fit(data)
+        >>> result.holdout_loss.shape, result.elites.numel(), result.epochs
+        (torch.Size([3]), 2, 3)
+    """
+
+    def __init__(
+        self,
+        ensemble: DynamicsEnsemble,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 256,
+        holdout_ratio: float = 0.15,
+        max_epochs: int = 100,
+        patience: int = 5,
+        max_holdout: int = 5000,
+        loss_type: str | None = None,
+        logger: Any | None = None,
+        progress: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(ensemble, DynamicsEnsemble):
+            raise TypeError(f"ensemble must be a DynamicsEnsemble, got {type(ensemble).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= holdout_ratio < 1.0:
+            raise ValueError(f"holdout_ratio must be in [0, 1), got {holdout_ratio}")
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if max_holdout < 1:
+            raise ValueError(f"max_holdout must be >= 1, got {max_holdout}")
+        if loss_type is None:
+            loss_type = "nll" if ensemble.probabilistic else "mse"
+        E = ensemble.num_members
+        for name, p in ensemble.named_parameters():
+            if p.dim() == 0 or p.shape[0] != E:
+                raise ValueError(
+                    f"parameter {name!r} of shape {tuple(p.shape)} is not member-first with {E} members"
+                )
+        self.ensemble = ensemble
+        self.loss_module = EnsembleDynamicsLoss(ensemble, loss_type=loss_type, member_first=True)
+        self.optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr, weight_decay=weight_decay)
+        self.batch_size = batch_size
+        self.holdout_ratio = holdout_ratio
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.max_holdout = max_holdout
+        self.logger = logger
+        self.progress = progress
+        self.seed = seed
+        self.improvement_threshold = 0.01
+        self._generator = torch.Generator().manual_seed(seed)
+        self.total_epochs = 0
+        self.total_steps = 0
+        self.num_fits = 0
+
+    # ------------------------------------------------------------------ data
+    def _prepare(self, data: TensorDictBase) -> TensorDict:
+        if data.batch_dims == 0:
+            raise ValueError("fit needs data with at least one batch dimension, got batch_size=()")
+        data = data.reshape(-1)
+        keys = [_OBS, _ACT, _NEXT_OBS] + ([_REWARD] if self.ensemble.predict_reward else [])
+        device = next(self.ensemble.parameters()).device
+        out = {}
+        for key in keys:
+            value = data.get(key, None)
+            if value is None:
+                raise KeyError(f"fit: key {key!r} not found in data")
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(f"fit: {bad} non-finite (NaN/inf) values in {key!r}")
+            out[key] = value.to(device)
+        if self.ensemble.predict_reward and out[_REWARD].shape == out[_OBS].shape[:-1]:
+            out[_REWARD] = out[_REWARD].unsqueeze(-1)
+        return TensorDict(out, batch_size=data.batch_size, device=device)
+
+    # ------------------------------------------------------------------ epoch pieces
+    def _train_epoch(self, train: TensorDict) -> torch.Tensor:
+        """One epoch; returns the per-member mean training loss ``[E]``."""
+        E, n = self.ensemble.num_members, train.shape[0]
+        # independent permutation per member: argsort of iid uniforms, one call for all members
+        perms = torch.rand(E, n, generator=self._generator).argsort(dim=1).to(train.device)
+        total = torch.zeros(E, device=train.device)
+        for start in range(0, n, self.batch_size):
+            idx = perms[:, start : start + self.batch_size]  # [E, b]
+            batch = train[idx]  # [E, b]
+            out = self.loss_module(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss_dynamics"].backward()
+            self.optimizer.step()
+            total += out["member_loss"] * idx.shape[1]
+            self.total_steps += 1
+        return total / n
+
+    @torch.no_grad()
+    def evaluate(self, data: TensorDictBase) -> torch.Tensor:
+        """Per-member mean squared error ``[E]`` in normalised target space on ``data`` ``[N]``."""
+        ens = self.ensemble
+        mean, _ = ens.forward_normalized(data.get(_OBS), data.get(_ACT))
+        reward = data.get(_REWARD) if ens.predict_reward else None
+        target = ens.normalized_target(data.get(_OBS), data.get(_NEXT_OBS), reward)
+        return (mean - target).pow(2).mean(tuple(range(1, mean.dim())))
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data: TensorDictBase) -> FitResult:
+        """Fit the ensemble on ``data`` (observation, action, ("next", "observation") [, reward]).
+
+        Args:
+            data (TensorDictBase): transitions, any batch shape (flattened to ``[N]``).
+
+        Returns:
+            :class:`FitResult`.
+        """
+        data = self._prepare(data)
+        n = data.shape[0]
+        ens = self.ensemble
+        E = ens.num_members
+        split_gen = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(n, generator=split_gen).to(data.device)
+        n_hold = min(int(self.holdout_ratio * n), self.max_holdout)
+        if n - n_hold < 1:
+            raise ValueError(f"fit needs at least one training row, got N={n} and {n_hold} held out")
+        holdout = data[perm[:n_hold]] if n_hold > 0 else None
+        train = data[perm[n_hold:]]
+        if holdout is None:
+            holdout = train
+        # normalisers on ALL data, every call
+        ens.fit_normalizers(
+            data.get(_OBS), data.get(_ACT), data.get(_NEXT_OBS),
+            data.get(_REWARD) if ens.predict_reward else None,
+        )
+        params = [p for p in ens.parameters()]
+        snapshots = [p.detach().clone() for p in params]
+        device = params[0].device
+        best = torch.full((E,), float("inf"), device=device)
+        best_train = torch.full((E,), float("nan"), device=device)
+        best_epoch = torch.zeros(E, dtype=torch.long, device=device)
+        since = torch.zeros(E, dtype=torch.long, device=device)
+        epochs = 0
+        bar = tqdm.trange(self.max_epochs, disable=not self.progress, desc="dynamics fit")
+        for epoch in bar:
+            train_loss = self._train_epoch(train)
+            hold_loss = self.evaluate(holdout)
+            epochs = epoch + 1
+            self.total_epochs += 1
+            improved = (best - hold_loss) / best.abs() > self.improvement_threshold
+            improved = improved | torch.isinf(best) & torch.isfinite(hold_loss)
+            self._snapshot(params, snapshots, improved)
+            best = torch.where(improved, hold_loss, best)
+            best_train = torch.where(improved, train_loss, best_train)
+            best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
+            since = torch.where(improved, torch.zeros_like(since), since + 1)
+            self._log(train_loss, hold_loss)
+            if self.progress:
+                bar.set_postfix(holdout=f"{hold_loss.mean().item():.4g}")
+            if bool((since >= self.patience).all()):
+                break
+        self._restore(params, snapshots)
+        elites = ens.set_elites(best).clone()
+        self.num_fits += 1
+        torchrl_logger.debug(
+            f"dynamics fit {self.num_fits}: {epochs} epochs, holdout {best.tolist()}, elites {elites.tolist()}"
+        )
+        return FitResult(
+            train_loss=best_train.detach(),
+            holdout_loss=best.detach(),
+            epochs=epochs,
+            best_epoch=best_epoch,
+            elites=elites,
+        )
+
+    @staticmethod
+    @torch.no_grad()
+    def _snapshot(params: list[torch.Tensor], snapshots: list[torch.Tensor], mask: torch.Tensor) -> None:
+        # vectorised per-member copy: one masked select per parameter tensor, no loop over members
+        for p, s in zip(params, snapshots):
+            m = mask.view(-1, *([1] * (p.dim() - 1)))
+            s.copy_(torch.where(m, p, s))
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(params: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None:
+        for p, s in zip(params, snapshots):
+            p.copy_(s)
+
+    def _log(self, train_loss: torch.Tensor, hold_loss: torch.Tensor) -> None:
+        if self.logger is None:
+            return
+        for i, (tr, ho) in enumerate(zip(train_loss.tolist(), hold_loss.tolist())):
+            self.logger.log_scalar(f"model/train_loss_m{i}", tr, step=self.total_epochs)
+            self.logger.log_scalar(f"model/holdout_loss_m{i}", ho, step=self.total_epochs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state, counters and the shuffling generator state (not the model)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "total_epochs": self.total_epochs,
+            "total_steps": self.total_steps,
+            "num_fits": self.num_fits,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        missing = {"optimizer", "total_epochs", "total_steps", "num_fits", "generator"} - set(state_dict)
+        if missing:
+            raise KeyError(f"EnsembleTrainer.load_state_dict: missing entries {sorted(missing)}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.total_epochs = int(state_dict["total_epochs"])
+        self.total_steps = int(state_dict["total_steps"])
+        self.num_fits = int(state_dict["num_fits"])
+        self._generator.set_state(state_dict["generator"])
