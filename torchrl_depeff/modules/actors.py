@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictModuleBase
+from tensordict.nn import InteractionType, TensorDictModule, TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
@@ -152,7 +152,8 @@ def make_gaussian_actor(
     """BREMEN's Gaussian policy as a :class:`~torchrl.modules.ProbabilisticActor`.
 
     Reads ``"observation"`` and writes ``"loc"``, ``"scale"``, ``"action"`` and
-    ``"action_log_prob"`` (TorchRL 0.14's default log-prob key, shape ``[*B]``). The distribution is
+    ``"action_log_prob"`` (TorchRL 0.14's default log-prob key, shape ``[*B]``). Outside an
+    exploration-type context it samples (``default_interaction_type=RANDOM``). The distribution is
     :class:`~torchrl.modules.IndependentNormal` (a ``Normal`` with one event dim): the action is
     ``tanh(mu(s)) + eps`` and is *not* squashed after the noise (BREMEN App. F.1); the real
     environment clips it.
@@ -176,6 +177,8 @@ def make_gaussian_actor(
         (['action', 'action_log_prob', 'loc', 'observation', 'scale'], torch.Size([5]))
         >>> isinstance(actor.module[0].module, GaussianPolicyNet)
         True
+        >>> bool((td["action"] != td["loc"]).all())
+        True
     """
     net = GaussianPolicyNet(
         observation_dim, action_dim, num_cells=num_cells, activation=activation,
@@ -189,6 +192,9 @@ def make_gaussian_actor(
         spec=action_spec,
         distribution_class=IndependentNormal,
         return_log_prob=True,
+        # sample by default: TRPO needs stochastic actions; use
+        # ``set_exploration_type(ExplorationType.DETERMINISTIC)`` to act with the mean.
+        default_interaction_type=InteractionType.RANDOM,
     )
 
 
