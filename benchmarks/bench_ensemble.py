@@ -36,29 +36,41 @@ SIZES = {
 
 
 def _timeit(fn: Callable[[], object], min_time: float, warmup: int = 3) -> float:
-    """Seconds per call (median of 5 blocks totalling about ``min_time`` seconds).
+    """Seconds per call of one function (see :func:`_time_group`)."""
+    return _time_group({"fn": fn}, min_time, warmup)["fn"]
 
-    Warm-up runs at least ``warmup`` calls and at least ``min_time / 2`` seconds: the first
-    tens of train steps in a fresh process are up to 20x slower on this machine (allocator
-    page faults), which a 3-call warm-up does not absorb.
+
+def _time_group(
+    fns: dict[str, Callable[[], object]], min_time: float, warmup: int = 3, rounds: int = 5
+) -> dict[str, float]:
+    """Seconds per call of several functions, measured round-robin so they share conditions.
+
+    This 2-core machine is shared with other jobs, so a single block of calls can be slowed
+    by an order of magnitude (an OpenMP barrier waiting for a descheduled thread costs a
+    scheduler quantum). Each function is warmed up (at least ``warmup`` calls and
+    ``min_time / 2`` seconds: the first tens of train steps of a fresh process are slower),
+    then timed in ``rounds`` interleaved blocks of about ``min_time / rounds`` seconds; the
+    reported figure is the fastest block (least-disturbed), as ``timeit`` recommends.
     """
-    t_end = time.perf_counter() + min_time / 2
-    done = 0
-    while done < warmup or time.perf_counter() < t_end:
-        fn()
-        done += 1
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-6)
-    reps = max(1, int(min_time / one / 5))
-    blocks = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
+    reps = {}
+    for name, fn in fns.items():
+        t_end = time.perf_counter() + min_time / 2
+        done = 0
+        while done < warmup or time.perf_counter() < t_end:
             fn()
-        blocks.append((time.perf_counter() - t0) / reps)
-    blocks.sort()
-    return blocks[2]
+            done += 1
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-6)
+        reps[name] = max(1, int(min_time / rounds / one))
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name])
+    return best
 
 
 def _emit(record: dict) -> dict:
@@ -99,10 +111,8 @@ def bench_layer_variants(args: argparse.Namespace, gemm_gflops: float) -> list[d
     }
     flops = 3 * 2.0 * E * n * d * d
     out = []
-    for name, fn in variants.items():
-        def step(fn=fn):
-            fn().backward(g)
-        sec = _timeit(step, args.min_time)
+    secs = _time_group({name: (lambda fn=fn: fn().backward(g)) for name, fn in variants.items()}, args.min_time)
+    for name, sec in secs.items():
         out.append(_emit({
             "figure": "layer_variants", "variant": name, "ms": round(sec * 1e3, 3),
             "gflops": round(flops / sec / 1e9, 2), "frac_gemm": round(flops / sec / 1e9 / gemm_gflops, 3),
@@ -174,7 +184,7 @@ def bench_train_step(args: argparse.Namespace, gemm_gflops: float) -> list[dict]
     records = []
     for size in SIZES:
         steps, flops = _make_train_steps(size)
-        secs = {name: _timeit(fn, args.min_time) for name, fn in steps.items()}
+        secs = _time_group(steps, args.min_time)
         for name, sec in secs.items():
             gf = flops / sec / 1e9
             records.append(_emit({
@@ -209,8 +219,8 @@ def bench_grouped_predict(args: argparse.Namespace) -> list[dict]:
 
     records = []
     with torch.no_grad():
-        for name, fn in (("padded", grouped("padded")), ("loop", grouped("loop")), ("full_gather", full_gather)):
-            sec = _timeit(fn, args.min_time)
+        fns = {"padded": grouped("padded"), "loop": grouped("loop"), "full_gather": full_gather}
+        for name, sec in _time_group(fns, args.min_time).items():
             records.append(_emit({"figure": "grouped_predict", "impl": name, "rows": n,
                                   "ms": round(sec * 1e3, 3)}))
     model.grouped_kernel = "padded"
