@@ -1,0 +1,239 @@
+"""Tests for BCLoss (BREMEN eq. 3, MUSBO eq. 11) and train_bc."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.modules import IndependentNormal, ProbabilisticActor
+
+from torchrl_depeff.objectives.bc import BCLoss, train_bc
+
+
+class _LocScale(nn.Module):
+    """Stand-in for the BREMEN Gaussian actor: loc = tanh(linear(s)), fixed scale 0.1."""
+
+    def __init__(self, obs_dim: int, act_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(obs_dim, act_dim)
+
+    def forward(self, obs):
+        loc = torch.tanh(self.linear(obs))
+        return loc, torch.full_like(loc, 0.1)
+
+
+def _loc_actor(obs_dim=3, act_dim=2, seed=0):
+    torch.manual_seed(seed)
+    return TensorDictModule(nn.Linear(obs_dim, act_dim), in_keys=["observation"], out_keys=["loc"])
+
+
+def _prob_actor(obs_dim=3, act_dim=2, seed=0):
+    torch.manual_seed(seed)
+    module = TensorDictModule(_LocScale(obs_dim, act_dim), in_keys=["observation"], out_keys=["loc", "scale"])
+    return ProbabilisticActor(
+        module, in_keys=["loc", "scale"], distribution_class=IndependentNormal, return_log_prob=True
+    )
+
+
+def _data(batch=(8,), obs_dim=3, act_dim=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "observation": torch.randn(*batch, obs_dim, generator=g),
+            "action": torch.rand(*batch, act_dim, generator=g) * 2 - 1,
+            "uncertainty": torch.rand(*batch, generator=g),
+        },
+        batch_size=batch,
+    )
+
+
+class TestBCLoss:
+    def test_mse_equals_hand_value(self):
+        actor, td = _loc_actor(), _data()
+        out = BCLoss(actor)(td)
+        with torch.no_grad():
+            mu = actor.module(td["observation"])
+        expected = (0.5 * (td["action"] - mu).pow(2).sum(-1)).mean()
+        torch.testing.assert_close(out["loss_bc"], expected)
+        torch.testing.assert_close(out["mse"], expected)
+        assert out["loss_bc"].requires_grad and not out["mse"].requires_grad
+
+    def test_mse_with_probabilistic_actor_reads_loc(self):
+        actor, td = _prob_actor(), _data()
+        out = BCLoss(actor)(td)
+        with torch.no_grad():
+            mu = torch.tanh(actor.module[0].module.linear(td["observation"]))
+        torch.testing.assert_close(out["loss_bc"], (0.5 * (td["action"] - mu).pow(2).sum(-1)).mean())
+
+    def test_log_prob_equals_gaussian_nll(self):
+        actor, td = _prob_actor(), _data()
+        out = BCLoss(actor, loss_type="log_prob")(td)
+        with torch.no_grad():
+            mu = torch.tanh(actor.module[0].module.linear(td["observation"]))
+        nll = -torch.distributions.Normal(mu, 0.1).log_prob(td["action"]).sum(-1)
+        torch.testing.assert_close(out["loss_bc"], nll.mean())
+        # with fixed variance, NLL = mse / sigma^2 + const (sign check)
+        const = td["action"].shape[-1] * (math.log(0.1) + 0.5 * math.log(2 * math.pi))
+        torch.testing.assert_close(out["loss_bc"], out["mse"] / 0.01 + const)
+
+    def test_weighted_equals_hand_weighted(self):
+        actor, td = _loc_actor(), _data()
+        out = BCLoss(actor, weight_key="uncertainty")(td)
+        with torch.no_grad():
+            mu = actor.module(td["observation"])
+        per = 0.5 * (td["action"] - mu).pow(2).sum(-1)
+        torch.testing.assert_close(out["loss_bc"], (td["uncertainty"] * per).mean())  # MUSBO eq. (11)
+        td2 = td.clone()
+        td2["uncertainty"] = td["uncertainty"].unsqueeze(-1)  # trailing 1 accepted
+        torch.testing.assert_close(BCLoss(actor, weight_key="uncertainty")(td2)["loss_bc"], out["loss_bc"])
+
+    def test_zero_weight_rows_give_zero_gradient(self):
+        actor = _loc_actor()
+        td = _data(batch=(6,))
+        td["uncertainty"] = torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 1.0])
+        loss = BCLoss(actor, weight_key="uncertainty", reduction="none")
+        grads = []
+        for i in range(6):
+            actor.zero_grad()
+            loss(td)["loss_bc"][i].backward()
+            grads.append(actor.module.weight.grad.abs().sum().item())
+        assert grads[1] == 0.0 and grads[3] == 0.0
+        assert all(grads[i] > 0 for i in (0, 2, 4, 5))
+        # and the mean loss equals the mean over the non-zero rows only (divided by all rows)
+        actor.zero_grad()
+        BCLoss(actor, weight_key="uncertainty")(td)["loss_bc"].backward()
+        full = actor.module.weight.grad.clone()
+        actor.zero_grad()
+        BCLoss(actor, weight_key="uncertainty")(td[torch.tensor([0, 2, 4, 5])])["loss_bc"].backward()
+        torch.testing.assert_close(full, actor.module.weight.grad * 4 / 6)
+
+    def test_weights_detached(self):
+        actor, td = _loc_actor(), _data()
+        w = torch.rand(8, requires_grad=True)
+        td["uncertainty"] = w
+        BCLoss(actor, weight_key="uncertainty")(td)["loss_bc"].backward()
+        assert w.grad is None
+        assert actor.module.weight.grad.abs().sum() > 0
+
+    @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+    def test_reduction_shapes(self, reduction):
+        td = _data(batch=(4, 5))
+        out = BCLoss(_loc_actor(), reduction=reduction)(td)
+        assert out["loss_bc"].shape == ((4, 5) if reduction == "none" else ())
+        if reduction == "sum":
+            mean = BCLoss(_loc_actor())(td)["loss_bc"]
+            torch.testing.assert_close(out["loss_bc"], mean * 20)
+
+    def test_set_keys_rejects_unknown(self):
+        with pytest.raises(ValueError, match="not_a_key"):
+            BCLoss(_loc_actor()).set_keys(not_a_key="x")
+
+    def test_set_keys_action(self):
+        td = _data()
+        td["expert_action"] = td["action"] * 0.5
+        loss = BCLoss(_loc_actor())
+        loss.set_keys(action="expert_action")
+        ref = BCLoss(_loc_actor())(td.set("action", td["expert_action"]))
+        torch.testing.assert_close(loss(td)["loss_bc"], ref["loss_bc"])
+
+    @pytest.mark.parametrize("key", ["observation", "action", "uncertainty"])
+    def test_missing_key_raises_keyerror(self, key):
+        td = _data().exclude(key)
+        with pytest.raises(KeyError, match=key):
+            BCLoss(_loc_actor(), weight_key="uncertainty")(td)
+
+    @pytest.mark.parametrize("key", ["observation", "action", "uncertainty"])
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    def test_non_finite_raises_valueerror(self, key, bad):
+        td = _data()
+        td[key][1] = bad
+        with pytest.raises(ValueError, match=key):
+            BCLoss(_loc_actor(), weight_key="uncertainty")(td)
+
+    def test_bad_args(self):
+        with pytest.raises(ValueError, match="loss_type"):
+            BCLoss(_loc_actor(), loss_type="l3")
+        with pytest.raises(ValueError, match="reduction"):
+            BCLoss(_loc_actor(), reduction="max")
+        with pytest.raises(TypeError, match="get_dist"):
+            BCLoss(_loc_actor(), loss_type="log_prob")
+        with pytest.raises(ValueError, match="shape"):
+            BCLoss(_loc_actor(act_dim=3))(_data())
+
+    def test_input_untouched(self):
+        td = _data()
+        before = td.clone()
+        BCLoss(_prob_actor(), loss_type="log_prob")(td)
+        BCLoss(_prob_actor())(td)
+        assert set(td.keys(True, True)) == set(before.keys(True, True))
+        assert (td == before).all()
+
+    def test_state_dict_roundtrip(self):
+        a, b, td = BCLoss(_loc_actor(seed=0)), BCLoss(_loc_actor(seed=1)), _data()
+        assert not torch.allclose(a(td)["loss_bc"], b(td)["loss_bc"])
+        b.load_state_dict(a.state_dict())
+        torch.testing.assert_close(a(td)["loss_bc"], b(td)["loss_bc"])
+
+
+class TestTrainBC:
+    def _linear_data(self, n=600, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        obs = torch.randn(n, 3, generator=g)
+        w = torch.tensor([[0.5, -0.3], [0.2, 0.4], [-0.1, 0.1]])
+        return TensorDict({"observation": obs, "action": obs @ w}, batch_size=[n]), w
+
+    def test_recovers_linear_policy(self):
+        data, w = self._linear_data()
+        actor = _loc_actor()
+        info = train_bc(actor, data, lr=3e-2, batch_size=128, max_epochs=100, patience=5)
+        torch.testing.assert_close(actor.module.weight.detach().T, w, atol=2e-2, rtol=0)
+        assert info["holdout_loss"] < 1e-3
+        assert info["epochs"] <= 100 and len(info["holdout_losses"]) == info["epochs"]
+
+    def test_early_stopping_and_restore_best(self):
+        # pure-noise targets: the holdout loss cannot keep improving, so training stops early
+        g = torch.Generator().manual_seed(3)
+        data = TensorDict(
+            {"observation": torch.randn(200, 3, generator=g), "action": torch.randn(200, 2, generator=g)},
+            batch_size=[200],
+        )
+        actor = _loc_actor()
+        info = train_bc(actor, data, lr=5e-2, batch_size=16, max_epochs=300, patience=3)
+        assert info["stopped_early"] and info["epochs"] < 300
+        assert info["epochs"] - info["best_epoch"] == 3
+        assert info["holdout_loss"] == min(info["holdout_losses"])
+        # the restored actor reproduces the best holdout loss
+        n_hold = int(200 * 0.15)
+        perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            hold = BCLoss(actor)(data[perm[:n_hold]])["loss_bc"].item()
+        assert hold == pytest.approx(info["holdout_loss"], rel=1e-5)
+
+    def test_weighted_training_follows_weights(self):
+        # two behaviours for the same states; weights select the first one
+        g = torch.Generator().manual_seed(0)
+        obs = torch.randn(400, 3, generator=g)
+        good, bad = obs[:, :2] * 0.5, -obs[:, :2] * 0.5
+        data = TensorDict(
+            {
+                "observation": torch.cat([obs, obs]),
+                "action": torch.cat([good, bad]),
+                "uncertainty": torch.cat([torch.ones(400), torch.zeros(400)]),
+            },
+            batch_size=[800],
+        )
+        actor = _loc_actor()
+        train_bc(actor, data, lr=3e-2, batch_size=256, max_epochs=40, patience=40, weight_key="uncertainty")
+        with torch.no_grad():
+            err = (actor.module(obs) - good).pow(2).mean()
+        assert err < 1e-3
+
+    def test_bad_args(self):
+        data, _ = self._linear_data(n=10)
+        with pytest.raises(ValueError, match="holdout_ratio"):
+            train_bc(_loc_actor(), data, holdout_ratio=1.0)
+        with pytest.raises(KeyError, match="uncertainty"):
+            train_bc(_loc_actor(), data, weight_key="uncertainty")
