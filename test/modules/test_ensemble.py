@@ -92,6 +92,24 @@ class TestEnsembleMLP:
         torch.testing.assert_close(out, torch.stack(ref), atol=1e-5, rtol=1e-5)
 
 
+    @pytest.mark.parametrize("kernel", KERNELS)
+    def test_member_gradient_isolation(self, kernel):
+        mlp = EnsembleMLP(3, 4, 2, num_cells=(8,), kernel=kernel)
+        mlp(torch.randn(3, 5, 4), member_first=True)[1].sum().backward()
+        for layer in mlp.layers:
+            norms = layer.weight.grad.flatten(1).abs().sum(1)
+            assert norms[1] > 0 and norms[0] == 0 and norms[2] == 0
+
+    def test_auto_rule(self):
+        assert EnsembleMLP(2, 23, 17, num_cells=(1024, 1024))._cpu_kernel == "loop"
+        assert EnsembleMLP(2, 23, 17, num_cells=(200, 200, 200, 200))._cpu_kernel == "bmm"
+        mlp = EnsembleMLP(2, 23, 17, num_cells=(600, 600))  # loop on CPU: same numbers as bmm
+        x = torch.randn(2, 9, 23)
+        ref = EnsembleMLP(2, 23, 17, num_cells=(600, 600), kernel="bmm")
+        ref.load_state_dict(mlp.state_dict())
+        torch.testing.assert_close(mlp(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
 def _model(**kwargs) -> DynamicsEnsemble:
     kw = dict(num_members=4, num_cells=(16, 16))
     kw.update(kwargs)
