@@ -114,6 +114,7 @@ class EnsembleModelEnv(ModelBasedEnvBase):
             Defaults to the global RNG until :meth:`set_seed` is called.
 
     Examples:
+        >>> from torchrl_depeff.envs.model_env import EnsembleModelEnv
         >>> from tensordict import TensorDict
         >>> from torchrl.data import Bounded, Unbounded
         >>> from torchrl.envs.utils import check_env_specs
@@ -279,6 +280,7 @@ class EnsembleModelEnv(ModelBasedEnvBase):
             **kwargs: forwarded to the constructor.
 
         Examples:
+            >>> from torchrl_depeff.envs.model_env import EnsembleModelEnv
             >>> from tensordict import TensorDict
             >>> from torchrl_depeff.envs.tasks import make_env
             >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble

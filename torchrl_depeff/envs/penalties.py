@@ -35,6 +35,7 @@ class SoftUncertaintyPenalty(Transform):
         penalty_key (str, optional): output entry. Defaults to ``"penalty"``.
 
     Examples:
+        >>> from torchrl_depeff.envs.penalties import SoftUncertaintyPenalty
         >>> from tensordict import TensorDict
         >>> t = SoftUncertaintyPenalty(0.5)
         >>> td = TensorDict({"reward": torch.ones(2, 1), "model_std_norm": torch.tensor([[2.0], [0.0]])}, [2])
@@ -114,6 +115,7 @@ class HardUncertaintyPenalty(Transform):
         reward_key (str, optional): Defaults to ``"reward"``.
 
     Examples:
+        >>> from torchrl_depeff.envs.penalties import HardUncertaintyPenalty
         >>> from tensordict import TensorDict
         >>> t = HardUncertaintyPenalty(3.0, -5.0)
         >>> td = TensorDict({"reward": torch.ones(2, 1), "model_disagreement": torch.tensor([[3.5], [3.0]]),

@@ -66,6 +66,7 @@ def halfcheetah_reward(
         next_observation (torch.Tensor): ``[*B, 17]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import halfcheetah_reward
         >>> obs = torch.zeros(2, 17); obs[:, 8] = torch.tensor([1.0, 2.0])
         >>> halfcheetah_reward(obs, torch.ones(2, 6), obs).squeeze(-1)
         tensor([0.4000, 1.4000])
@@ -89,6 +90,7 @@ def cheetah_run_reward(
         next_observation (torch.Tensor): ``[*B, 17]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import cheetah_run_reward
         >>> obs = torch.zeros(3, 17); obs[:, 8] = torch.tensor([-1.0, 5.0, 12.0])
         >>> cheetah_run_reward(obs, torch.ones(3, 6), obs).squeeze(-1)
         tensor([0.0000, 0.5000, 1.0000])
@@ -108,6 +110,7 @@ def hopper_reward(
         next_observation (torch.Tensor): ``[*B, 11]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import hopper_reward
         >>> obs = torch.zeros(1, 11); obs[:, 5] = 2.0
         >>> hopper_reward(obs, torch.ones(1, 3), obs)
         tensor([[2.9970]])
@@ -127,6 +130,7 @@ def walker2d_reward(
         next_observation (torch.Tensor): ``[*B, 17]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import walker2d_reward
         >>> obs = torch.zeros(1, 17); obs[:, 8] = 2.0
         >>> walker2d_reward(obs, torch.ones(1, 6), obs)
         tensor([[2.9940]])
@@ -146,6 +150,7 @@ def ant_reward(
         next_observation (torch.Tensor): ``[*B, 27]``; ``z = obs[0]``, ``xdot = obs[13]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import ant_reward
         >>> obs = torch.zeros(1, 27); obs[:, 13] = 1.0; obs[:, 0] = 0.57
         >>> ant_reward(obs, torch.zeros(1, 8), obs)
         tensor([[2.]])
@@ -179,6 +184,7 @@ def hopper_termination(
         healthy_state_range, healthy_z_range, healthy_angle_range: gymnasium's defaults.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import hopper_termination
         >>> obs = torch.zeros(2, 11); obs[:, 0] = torch.tensor([1.25, 0.7])
         >>> hopper_termination(obs, torch.zeros(2, 3), obs).squeeze(-1)
         tensor([False,  True])
@@ -212,6 +218,7 @@ def walker2d_termination(
         healthy_z_range, healthy_angle_range: gymnasium's defaults.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import walker2d_termination
         >>> obs = torch.zeros(3, 17); obs[:, 0] = torch.tensor([1.25, 0.8, 2.0])
         >>> walker2d_termination(obs, torch.zeros(3, 6), obs).squeeze(-1)
         tensor([False,  True,  True])
@@ -234,6 +241,7 @@ def no_termination(
         next_observation (torch.Tensor): ``[*B, o]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import no_termination
         >>> no_termination(torch.zeros(2, 3), torch.zeros(2, 1), torch.zeros(2, 3)).squeeze(-1)
         tensor([False, False])
     """
@@ -255,6 +263,7 @@ def goal_reach_reward(
         distance_threshold (float): ``eps`` (FetchReach 0.05, HandReach 0.01).
 
     Examples:
+        >>> from torchrl_depeff.envs.rewards import goal_reach_reward
         >>> obs = torch.tensor([[0.0, 0.0, 0.03, 0.0], [0.0, 0.0, 0.1, 0.0]])
         >>> goal_reach_reward(obs, slice(0, 2), slice(2, 4), 0.05).squeeze(-1)
         tensor([ 0., -1.])

@@ -42,6 +42,7 @@ class TaskSpec:
             sorted key order ``achieved_goal, desired_goal, observation``).
 
     Examples:
+        >>> from torchrl_depeff.envs.tasks import get_task
         >>> get_task("hopper").observation_dim
         11
     """
@@ -97,6 +98,7 @@ def get_task(name: str) -> TaskSpec:
         name (str): one of :data:`TASK_NAMES`.
 
     Examples:
+        >>> from torchrl_depeff.envs.tasks import get_task
         >>> get_task("ant").gym_kwargs["include_cfrc_ext_in_observation"]
         False
     """
@@ -115,6 +117,7 @@ class TaskReward(Transform):
         reward_fn (callable): ``(obs, action, next_obs) -> [*B, 1]``.
 
     Examples:
+        >>> from torchrl_depeff.envs.tasks import get_task, make_env
         >>> env = make_env("halfcheetah")
         >>> td = env.rollout(3)
         >>> r = get_task("halfcheetah").reward_fn(td["observation"], td["action"], td["next", "observation"])
@@ -183,6 +186,7 @@ def make_env(
         **kwargs: extra ``gym.make`` kwargs (override the task's).
 
     Examples:
+        >>> from torchrl_depeff.envs.tasks import make_env
         >>> env = make_env("hopper")
         >>> env.observation_spec["observation"].shape, env.action_spec.shape
         (torch.Size([11]), torch.Size([3]))
