@@ -129,6 +129,6 @@ class TestDeploymentGate:
             DeploymentGate(max_kl=-1.0, action_spec=SPEC)
         with pytest.raises(ValueError, match="explode"):
             DeploymentGate(max_kl=0.1, action_spec=SPEC, on_fail="explode")
-        with pytest.raises(KeyError, match="scale"):
+        with pytest.raises(KeyError, match="loc"):
             det = TensorDictModule(torch.nn.Linear(OBS, ACT), ["observation"], ["action"])
             DeploymentGate(max_kl=0.1, action_spec=SPEC).check(det, det, states())
