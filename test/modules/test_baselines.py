@@ -83,3 +83,18 @@ def test_ill_conditioned_increases_reg():
     coeffs = base.fit_features(phi, torch.ones(10))
     assert torch.isfinite(coeffs).all()
     torch.testing.assert_close(phi @ coeffs, torch.ones(10), rtol=1e-3, atol=1e-3)
+
+
+def test_time_key_is_an_in_key_for_value_estimators():
+    # GAE selects the critic's in_keys: the step index must survive that selection
+    base = LinearFeatureBaseline(3)
+    assert base.in_keys == ["observation", "step_count"]
+    td = _rollout()
+    base.fit(td)
+    full = base(td.clone())["state_value"]
+    selected = base(td.select(*base.in_keys))["state_value"]
+    torch.testing.assert_close(full, selected)
+    td_late = td.clone()
+    td_late["step_count"] = td_late["step_count"] + 100
+    assert not torch.allclose(base(td_late.select(*base.in_keys))["state_value"], full)
+    assert LinearFeatureBaseline(3, time_key=None).in_keys == ["observation"]

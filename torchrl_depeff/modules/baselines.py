@@ -54,7 +54,9 @@ class LinearFeatureBaseline(TensorDictModuleBase):
         observation_dim (int): observation size.
         reg_coeff (float): ridge coefficient, ``> 0``. Defaults to ``1e-5``.
         observation_key (NestedKey): input observation. Defaults to ``"observation"``.
-        time_key (NestedKey): step index. Defaults to ``"step_count"``.
+        time_key (NestedKey, optional): step index; ``None`` always uses the position along the
+            last batch dim. Defaults to ``"step_count"``. Keep it in the rollout (and under
+            ``"next"``) when the baseline serves a value estimator, which only passes ``in_keys``.
         out_key (NestedKey): output value ``[*B, 1]``. Defaults to ``"state_value"``.
 
     Examples:
@@ -73,7 +75,7 @@ class LinearFeatureBaseline(TensorDictModuleBase):
         observation_dim: int,
         reg_coeff: float = 1e-5,
         observation_key: NestedKey = "observation",
-        time_key: NestedKey = "step_count",
+        time_key: NestedKey | None = "step_count",
         out_key: NestedKey = "state_value",
     ) -> None:
         super().__init__()
@@ -86,7 +88,8 @@ class LinearFeatureBaseline(TensorDictModuleBase):
         self.observation_key = observation_key
         self.time_key = time_key
         self.out_key = out_key
-        self.in_keys = [observation_key]
+        # the time key must be an in_key: value estimators select in_keys before calling us
+        self.in_keys = [observation_key] + ([time_key] if time_key is not None else [])
         self.out_keys = [out_key]
         self.register_buffer("coeffs", torch.zeros(self.feature_dim))
 
@@ -113,7 +116,7 @@ class LinearFeatureBaseline(TensorDictModuleBase):
         return torch.cat([o, o * o, t, t * t, t * t * t, torch.ones_like(t)], dim=-1)
 
     def _step(self, td: TensorDictBase) -> torch.Tensor:
-        step = td.get(self.time_key, None)
+        step = td.get(self.time_key, None) if self.time_key is not None else None
         if step is not None:
             return step
         if td.batch_dims == 0:
