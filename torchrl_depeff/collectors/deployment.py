@@ -37,6 +37,7 @@ def freeze_policy(policy: nn.Module) -> nn.Module:
         policy (nn.Module): the learner's policy (left untouched).
 
     Examples:
+        >>> from torchrl_depeff.collectors.deployment import freeze_policy
         >>> net = torch.nn.Linear(2, 1)
         >>> frozen = freeze_policy(net)
         >>> frozen is net, frozen.training, any(p.requires_grad for p in frozen.parameters())
@@ -60,6 +61,7 @@ def policy_hash(policy: nn.Module) -> str:
         policy (nn.Module): module to fingerprint.
 
     Examples:
+        >>> from torchrl_depeff.collectors.deployment import freeze_policy, policy_hash
         >>> _ = torch.manual_seed(0); a = torch.nn.Linear(2, 1)
         >>> b = freeze_policy(a)
         >>> policy_hash(a) == policy_hash(b), len(policy_hash(a))
@@ -211,6 +213,7 @@ def collect_deployment(
     Examples:
         >>> from torchrl.envs import GymEnv
         >>> from tensordict.nn import TensorDictModule
+        >>> from torchrl_depeff.collectors.deployment import collect_deployment, policy_hash
         >>> env = GymEnv("Pendulum-v1")
         >>> policy = TensorDictModule(torch.nn.Linear(3, 1), ["observation"], ["action"])
         >>> data, info = collect_deployment(policy, env, 50, deployment=0, policy_version=0, seed=0,
@@ -277,6 +280,7 @@ class DeploymentCollector:
     Examples:
         >>> from torchrl.envs import GymEnv
         >>> from tensordict.nn import TensorDictModule
+        >>> from torchrl_depeff.collectors.deployment import DeploymentCollector, policy_hash
         >>> policy = TensorDictModule(torch.nn.Linear(3, 1), ["observation"], ["action"])
         >>> dc = DeploymentCollector(policy, GymEnv("Pendulum-v1"), frames_per_batch=10)
         >>> data, info = dc.collect(20, seed=0)

@@ -42,6 +42,7 @@ def gaussian_kl(
         torch.Tensor: ``[*B]``.
 
     Examples:
+        >>> from torchrl_depeff.collectors.gate import gaussian_kl
         >>> z, o = torch.zeros(1, 1), torch.ones(1, 1)
         >>> gaussian_kl(z, o, z + 1, o).tolist(), round(gaussian_kl(z, o, z, 2 * o).item(), 4)
         ([0.5], 0.3181)
@@ -101,6 +102,7 @@ class DeploymentGate:
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import TensorDictModule
         >>> from torchrl.data import Bounded
+        >>> from torchrl_depeff.collectors.gate import DeploymentGate
         >>> spec = Bounded(-1.0, 1.0, shape=(1,))
         >>> def actor(shift):
         ...     net = torch.nn.Linear(2, 1)

@@ -64,6 +64,8 @@ def validate_transitions(data: TensorDictBase, required_keys: tuple = REQUIRED_K
         ValueError: empty data, or a NaN/inf in a floating-point entry (the message names the key).
 
     Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.data.deployments import validate_transitions
         >>> td = TensorDict({"observation": torch.zeros(2, 3), "action": torch.zeros(2, 1),
         ...     "next": {"observation": torch.zeros(2, 3), "reward": torch.zeros(2, 1),
         ...              "done": torch.zeros(2, 1, dtype=torch.bool)}}, batch_size=[2])
@@ -120,6 +122,8 @@ class DeploymentReplayBuffers:
 
     Examples:
         >>> import tempfile
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.data.deployments import DeploymentReplayBuffers
         >>> def make(n):
         ...     return TensorDict({"observation": torch.randn(n, 3), "action": torch.randn(n, 1),
         ...         "next": {"observation": torch.randn(n, 3), "reward": torch.randn(n, 1),
