@@ -200,3 +200,24 @@ def test_property_never_accepts_kl_above_delta():
         else:
             assert true_kl == 0.0
     assert accepted > 150  # the search is not vacuous
+
+
+def test_rejection_is_logged_at_warning():
+    import logging
+
+    from torchrl._utils import logger as torchrl_logger
+
+    records = []
+
+    class _Capture(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = _Capture(level=logging.WARNING)
+    torchrl_logger.addHandler(handler)
+    try:
+        w = torch.nn.Parameter(torch.ones(2))
+        ConjugateGradientTrustRegion([w]).step(lambda: (w * float("nan")).sum(), lambda: w.pow(2).sum())
+    finally:
+        torchrl_logger.removeHandler(handler)
+    assert any(r.levelno == logging.WARNING and "rejected" in r.getMessage() for r in records)
