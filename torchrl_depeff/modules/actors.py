@@ -55,6 +55,7 @@ class GaussianPolicyNet(nn.Module):
         learn_sigma (bool): make the log-std a parameter. Defaults to ``False``.
 
     Examples:
+        >>> from torchrl_depeff.modules.actors import GaussianPolicyNet
         >>> net = GaussianPolicyNet(3, 2, num_cells=(8,))
         >>> loc, scale = net(torch.randn(5, 3))
         >>> loc.shape, scale.shape, bool(loc.abs().max() < 1), round(float(scale[0, 0]), 4)
@@ -97,6 +98,7 @@ class GaussianPolicyNet(nn.Module):
         """Set the standard deviation of every action dimension to ``sigma`` (``> 0``).
 
         Examples:
+            >>> from torchrl_depeff.modules.actors import GaussianPolicyNet
             >>> net = GaussianPolicyNet(3, 2, num_cells=(8,))
             >>> net.set_sigma(1.0)
             >>> float(net(torch.zeros(1, 3))[1][0, 0])
@@ -119,6 +121,7 @@ class GaussianPolicyNet(nn.Module):
             bc_net (nn.Module): source network.
 
         Examples:
+            >>> from torchrl_depeff.modules.actors import GaussianPolicyNet
             >>> bc, pi = GaussianPolicyNet(3, 2, num_cells=(8,)), GaussianPolicyNet(3, 2, num_cells=(8,))
             >>> pi.load_mean_from(bc); pi.set_sigma(1.0)
             >>> s = torch.randn(4, 3)
@@ -170,6 +173,7 @@ def make_gaussian_actor(
         action_spec (TensorSpec, optional): stored on the actor as its spec (not used to clip).
 
     Examples:
+        >>> from torchrl_depeff.modules.actors import GaussianPolicyNet, make_gaussian_actor
         >>> from tensordict import TensorDict
         >>> actor = make_gaussian_actor(3, 2, num_cells=(8,))
         >>> td = actor(TensorDict(observation=torch.randn(5, 3), batch_size=[5]))
@@ -214,6 +218,7 @@ class GaussianActionNoise(TensorDictModuleBase):
         generator (torch.Generator, optional): source of randomness.
 
     Examples:
+        >>> from torchrl_depeff.modules.actors import GaussianActionNoise
         >>> from tensordict import TensorDict
         >>> noise = GaussianActionNoise(0.1, generator=torch.Generator().manual_seed(0))
         >>> td = noise(TensorDict(action=torch.zeros(10000, 2), batch_size=[10000]))
@@ -264,6 +269,7 @@ class UncertaintyActionNoise(TensorDictModuleBase):
         generator (torch.Generator, optional): source of randomness.
 
     Examples:
+        >>> from torchrl_depeff.modules.actors import UncertaintyActionNoise
         >>> from tensordict import TensorDict
         >>> noise = UncertaintyActionNoise(0.0, generator=torch.Generator().manual_seed(0))
         >>> td = TensorDict(action=torch.zeros(10000, 2), uncertainty=torch.full((10000, 1), 0.04),

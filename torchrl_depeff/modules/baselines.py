@@ -21,6 +21,7 @@ def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -
     ``done`` step and at the end of the batch.
 
     Examples:
+        >>> from torchrl_depeff.modules.baselines import discounted_returns
         >>> r = torch.ones(1, 4, 1)
         >>> d = torch.tensor([False, True, False, False]).view(1, 4, 1)
         >>> discounted_returns(r, d, 0.5).flatten().tolist()
@@ -60,6 +61,7 @@ class LinearFeatureBaseline(TensorDictModuleBase):
         out_key (NestedKey): output value ``[*B, 1]``. Defaults to ``"state_value"``.
 
     Examples:
+        >>> from torchrl_depeff.modules.baselines import LinearFeatureBaseline
         >>> from tensordict import TensorDict
         >>> b = LinearFeatureBaseline(3)
         >>> td = TensorDict(observation=torch.randn(4, 10, 3), batch_size=[4, 10])
@@ -101,6 +103,7 @@ class LinearFeatureBaseline(TensorDictModuleBase):
         """``[*B, obs]`` and ``[*B, 1]`` step index -> features ``[*B, 2 * obs + 4]``.
 
         Examples:
+            >>> from torchrl_depeff.modules.baselines import LinearFeatureBaseline
             >>> b = LinearFeatureBaseline(2)
             >>> b.features(torch.tensor([[20.0, -1.0]]), torch.tensor([[50]])).tolist()
             [[10.0, -1.0, 100.0, 1.0, 0.5, 0.25, 0.125, 1.0]]

@@ -57,6 +57,7 @@ class TRPOLoss(LossModule):
             ``kl_to_reference_coef > 0``.
 
     Examples:
+        >>> from torchrl_depeff.objectives.trpo import TRPOLoss
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.modules.actors import make_gaussian_actor
         >>> actor = make_gaussian_actor(3, 2, num_cells=(8,))
@@ -171,6 +172,8 @@ class TRPOLoss(LossModule):
         """Build the advantage estimator (GAE, ``gamma=0.99, lmbda=0.95`` by default).
 
         Examples:
+            >>> from torchrl.objectives.utils import ValueEstimators
+            >>> from torchrl_depeff.objectives.trpo import TRPOLoss
             >>> from torchrl_depeff.modules.actors import make_gaussian_actor
             >>> loss = TRPOLoss(make_gaussian_actor(3, 2, num_cells=(8,)))
             >>> loss.make_value_estimator(ValueEstimators.GAE, gamma=0.9, lmbda=0.5).value_type.name
@@ -254,6 +257,7 @@ class TRPOLoss(LossModule):
         action dimensions and averaged over the batch.
 
         Examples:
+            >>> from torchrl_depeff.objectives.trpo import TRPOLoss
             >>> from tensordict import TensorDict
             >>> from torchrl_depeff.modules.actors import make_gaussian_actor
             >>> actor = make_gaussian_actor(3, 2, num_cells=(8,))
@@ -341,6 +345,7 @@ def trpo_step(loss_module: TRPOLoss, optimizer, tensordict: TensorDictBase) -> T
         The optimizer diagnostics plus ``loss_objective_before``.
 
     Examples:
+        >>> from torchrl_depeff.objectives.trpo import TRPOLoss, trpo_step
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.modules.actors import make_gaussian_actor
         >>> from torchrl_depeff.optim.trust_region import ConjugateGradientTrustRegion

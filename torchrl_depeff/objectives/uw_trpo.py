@@ -43,6 +43,7 @@ class UncertaintyWeightedTRPOLoss(TRPOLoss):
         **kwargs: forwarded to :class:`~torchrl_depeff.objectives.trpo.TRPOLoss`.
 
     Examples:
+        >>> from torchrl_depeff.objectives.uw_trpo import UncertaintyWeightedTRPOLoss
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.modules.actors import make_gaussian_actor
         >>> actor = make_gaussian_actor(3, 2, num_cells=(8,))
@@ -83,6 +84,7 @@ class UncertaintyWeightedTRPOLoss(TRPOLoss):
         """Per-sample weight ``exp(-alpha * d^2)`` of shape ``[*B]`` (MUSBO eq. (12)).
 
         Examples:
+            >>> from torchrl_depeff.objectives.uw_trpo import UncertaintyWeightedTRPOLoss
             >>> from tensordict import TensorDict
             >>> from torchrl_depeff.modules.actors import make_gaussian_actor
             >>> loss = UncertaintyWeightedTRPOLoss(make_gaussian_actor(3, 2, num_cells=(8,)), alpha=0.5)

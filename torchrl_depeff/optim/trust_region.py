@@ -36,6 +36,7 @@ def conjugate_gradient(
         ``(x, residual)`` where ``residual = ||b - A x||^2`` as tracked by the recursion.
 
     Examples:
+        >>> from torchrl_depeff.optim.trust_region import conjugate_gradient
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
         >>> x, res = conjugate_gradient(lambda v: A @ v, b)
@@ -91,6 +92,7 @@ class ConjugateGradientTrustRegion:
             code skips this check (``check_kl=False``); the default keeps it. Defaults to ``True``.
 
     Examples:
+        >>> from torchrl_depeff.optim.trust_region import ConjugateGradientTrustRegion
         >>> w = torch.nn.Parameter(torch.zeros(2))
         >>> opt = ConjugateGradientTrustRegion([w], max_kl=0.01, damping=0.1)
         >>> info = opt.step(lambda: -(w * torch.tensor([1.0, 2.0])).sum(),
