@@ -62,7 +62,10 @@ class EnsembleModelEnv(ModelBasedEnvBase):
       sampled in this mode even for a probabilistic ensemble.
 
     With ``elites_only=True`` members are drawn from ``ensemble.elite_indices`` and the mean
-    and uncertainties are computed over the elites only (MB2PO uses elites everywhere).
+    and uncertainties are computed over the elites only (MB2PO uses elites everywhere). In
+    ``"per_trajectory"`` mode the members are drawn at reset: reset the env after the elites
+    change (a stored member that is no longer an elite would be mapped to the first elite when
+    uncertainties are requested).
 
     For a probabilistic ensemble the next observation is sampled as
     ``loc + scale * N(0, 1)`` from the chosen member (PETS / MBPO trajectory sampling); the
@@ -77,8 +80,9 @@ class EnsembleModelEnv(ModelBasedEnvBase):
     :class:`~torchrl.envs.TransformedEnv` penalty may also set) are frozen: same observation,
     zero reward and uncertainty, still terminated. Rows whose predicted observation is not
     finite (diverging model) are not clipped: they are marked terminated with zero reward,
-    keep their previous observation, and are counted in :attr:`num_invalid` (a tensor, read it
-    after the rollout; reading it inside ``_step`` would synchronise the device).
+    keep their previous observation, and are counted in :attr:`num_invalid` (a cumulative
+    tensor over the env's life, read it after the rollout; reading it inside ``_step`` would
+    synchronise the device).
 
     The ensemble is evaluated under ``torch.no_grad()``: no gradient flows through the model
     (BREMEN / MB2PO optimise the policy with TRPO / AWAC on the imagined data, not by
