@@ -8,6 +8,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch.distributions import Normal, kl_divergence
+from torchrl._utils import logger as torchrl_logger
 from torchrl.data import Bounded
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
@@ -65,7 +66,7 @@ class TestDeploymentGate:
         report = DeploymentGate(max_kl=1e-9, action_spec=SPEC).check(make_actor(), None, states())
         assert report.passed and report.kl is None
 
-    def test_refuses_nan_parameters(self, caplog):
+    def test_refuses_nan_parameters(self):
         old = make_actor()
         bad = freeze_policy(old)
         with torch.no_grad():
@@ -110,12 +111,20 @@ class TestDeploymentGate:
         assert report.kl == pytest.approx(expected.item(), rel=1e-4)
         assert any("KL" in r for r in report.reasons)
 
-    def test_refuses_low_model_return_and_logs(self, caplog):
+    def test_refuses_low_model_return_and_logs(self):
         old = make_actor()
         gate = DeploymentGate(max_kl=1.0, action_spec=SPEC, min_model_return=0.0)
-        with caplog.at_level(logging.WARNING, logger="torchrl"):
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = records.append
+        torchrl_logger.addHandler(handler)  # torchrl's logger does not propagate (no caplog)
+        try:
             with pytest.raises(DeploymentRefused, match="model return"):
                 gate.check(old, old, states(), model_return=-5.0)
+        finally:
+            torchrl_logger.removeHandler(handler)
+        assert len(records) == 1 and "model return -5" in records[0].getMessage()
+        assert records[0].levelno == logging.WARNING
         assert gate.check(old, old, states(), model_return=5.0).passed
 
     def test_states_not_modified(self):

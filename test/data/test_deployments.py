@@ -161,3 +161,48 @@ class TestDeploymentReplayBuffers:
         bufs.add_deployment(make_transitions(3), policy_version=0)
         with pytest.raises(IndexError, match="5"):
             bufs.metadata(5)
+
+
+_KILL_SCRIPT = """
+import sys, time
+import torch
+from tensordict import TensorDict
+from torchrl_depeff.data.deployments import DeploymentReplayBuffers
+
+original = DeploymentReplayBuffers._write
+
+def slow_write(self, tmp, data, meta):
+    original(self, tmp, data, meta)
+    print("WRITTEN", flush=True)  # the temp dir holds the data; rename not done yet
+    time.sleep(60)
+
+DeploymentReplayBuffers._write = slow_write
+n = 50
+td = TensorDict({"observation": torch.randn(n, 3), "action": torch.randn(n, 2),
+    "next": {"observation": torch.randn(n, 3), "reward": torch.randn(n, 1),
+             "done": torch.zeros(n, 1, dtype=torch.bool)}}, batch_size=[n])
+DeploymentReplayBuffers(sys.argv[1]).add_deployment(td, policy_version=1)
+"""
+
+
+def test_sigkill_mid_write_leaves_no_partial_deployment(tmp_path):
+    import subprocess
+    import sys
+
+    bufs = DeploymentReplayBuffers(tmp_path)
+    bufs.add_deployment(make_transitions(5), policy_version=0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        lines = iter(proc.stdout.readline, "")  # "" once the child exits
+        assert any(line.strip() == "WRITTEN" for line in lines)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup handler runs
+        proc.wait(timeout=30)
+    assert any(p.name.startswith(".tmp-deployment_0001") for p in tmp_path.iterdir())
+    again = DeploymentReplayBuffers(tmp_path)
+    assert again.num_deployments == 1 and len(again) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployment_0000"]
+    assert again.add_deployment(make_transitions(4), policy_version=1) == 1
+    assert len(DeploymentReplayBuffers(tmp_path)) == 9
