@@ -228,7 +228,7 @@ def bench_grouped_predict(args: argparse.Namespace) -> list[dict]:
         for name, sec in _time_group(fns, args.min_time).items():
             records.append(_emit({"figure": "grouped_predict", "impl": name, "rows": n,
                                   "ms": round(sec * 1e3, 3)}))
-    model.grouped_kernel = "padded"
+    model.grouped_kernel = "auto"
     return records
 
 

@@ -185,13 +185,17 @@ class TestDynamicsEnsemble:
         full = model.predict(obs, act).loc
         torch.testing.assert_close(model.predict(obs, act, member_index=idx).loc, full[idx, torch.arange(6)])
 
-    def test_member_index_does_not_run_full_batch(self):
-        model = _model()
-        seen = []
-        hook = model.network.layers[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    @pytest.mark.parametrize("grouped_kernel", ["padded", "loop", "auto"])
+    def test_member_index_does_not_run_full_batch(self, grouped_kernel):
+        model = _model(grouped_kernel=grouped_kernel)
+        rows = []
+        net = model.network
+        fwd, fwd_member = net.forward, net.forward_member
+        net.forward = lambda x, member_first=None: rows.append(x.shape[0] * x.shape[1]) or fwd(x, member_first)
+        net.forward_member = lambda x, e: rows.append(x.shape[0]) or fwd_member(x, e)
         model.predict(torch.randn(400, 3), torch.randn(400, 2), member_index=torch.arange(400) % 4)
-        hook.remove()
-        assert seen == [torch.Size([4, 100, 16])]
+        rows = sum(rows)
+        assert rows == 400  # 4 members x 100 rows, not 4 x 400
 
     @pytest.mark.parametrize("probabilistic", [False, True])
     def test_state_dict_roundtrip(self, probabilistic):

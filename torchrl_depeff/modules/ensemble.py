@@ -329,11 +329,14 @@ class DynamicsEnsemble(TensorDictModuleBase):
     member's loss sends gradients to that member's parameters only.
 
     ``predict(..., member_index=idx)`` evaluates one member per row without computing every
-    member for every row: rows are sorted by member and packed into a padded
-    ``[E, max_rows, d]`` block that runs through the batched network once (``max_rows`` is
-    about ``N / E`` for a uniform draw). A per-member loop over each member's rows
-    (``grouped_kernel="loop"``) is also available; the padded block was faster in
-    ``benchmarks/bench_ensemble.py`` on this CPU for E = 5 (see benchmarks/README.md).
+    member for every row. Rows are sorted by member (stable sort), then either each member
+    runs on its own rows (``grouped_kernel="loop"``, ``E`` small matmul chains) or the rows are
+    packed into a padded ``[E, max_rows, d]`` block that runs through the batched network once
+    (``"padded"``; ``max_rows`` is about ``N / E`` for a uniform draw). ``"auto"`` uses
+    ``"loop"`` on CPU, where it was measured faster than ``"padded"`` in every run of
+    ``benchmarks/bench_ensemble.py`` (and both ~2.5x faster than computing every member and
+    gathering, at BREMEN size, 10k rows), and ``"padded"`` on CUDA (fewer kernel launches; a
+    choice, not measured here: no GPU was available).
 
     Args:
         observation_dim (int): observation size.
@@ -349,8 +352,8 @@ class DynamicsEnsemble(TensorDictModuleBase):
 
     Keyword Args:
         kernel (str, optional): kernel of the :class:`EnsembleLinear` layers. Defaults to ``"auto"``.
-        grouped_kernel (str, optional): ``"padded"`` or ``"loop"``, how ``member_index`` is
-            evaluated. Defaults to ``"padded"``.
+        grouped_kernel (str, optional): ``"auto"``, ``"padded"`` or ``"loop"``, how
+            ``member_index`` is evaluated (see above). Defaults to ``"auto"``.
 
     Examples:
         >>> from tensordict import TensorDict
@@ -384,7 +387,7 @@ class DynamicsEnsemble(TensorDictModuleBase):
         num_elites: int | None = None,
         *,
         kernel: str = "auto",
-        grouped_kernel: str = "padded",
+        grouped_kernel: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
@@ -402,8 +405,10 @@ class DynamicsEnsemble(TensorDictModuleBase):
             raise ValueError(
                 f"min_log_var ({min_log_var}) must be smaller than max_log_var ({max_log_var})"
             )
-        if grouped_kernel not in ("padded", "loop"):
-            raise ValueError(f"grouped_kernel must be 'padded' or 'loop', got {grouped_kernel!r}")
+        if grouped_kernel not in ("auto", "padded", "loop"):
+            raise ValueError(
+                f"grouped_kernel must be 'auto', 'padded' or 'loop', got {grouped_kernel!r}"
+            )
         self.observation_dim = observation_dim
         self.action_dim = action_dim
         self.num_members = num_members
@@ -612,7 +617,10 @@ class DynamicsEnsemble(TensorDictModuleBase):
             )
         x = self._net_input(observation, action).reshape(-1, self.observation_dim + self.action_dim)
         idx = member_index.reshape(-1).long()
-        if self.grouped_kernel == "padded":
+        grouped = self.grouped_kernel
+        if grouped == "auto":
+            grouped = "padded" if x.is_cuda else "loop"
+        if grouped == "padded":
             out_rows = self._grouped_padded(x, idx)
         else:
             out_rows = self._grouped_loop(x, idx)
