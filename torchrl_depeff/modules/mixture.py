@@ -58,6 +58,7 @@ class TanhGaussianMixture(D.Distribution):
         scale (torch.Tensor): pre-tanh component standard deviations ``[*B, K, d]``, ``> 0``.
 
     Examples:
+        >>> from torchrl_depeff.modules.mixture import TanhGaussianMixture
         >>> logits, loc, scale = torch.zeros(4, 3), torch.zeros(4, 3, 2), torch.ones(4, 3, 2)
         >>> dist = TanhGaussianMixture(logits, loc, scale)
         >>> a = dist.sample((7,))
@@ -164,6 +165,7 @@ class GMMPolicyNet(nn.Module):
         log_std_max (float): upper log-std bound. Defaults to ``2.0``.
 
     Examples:
+        >>> from torchrl_depeff.modules.mixture import GMMPolicyNet
         >>> net = GMMPolicyNet(3, 2, num_components=4, num_cells=(8,))
         >>> logits, loc, scale = net(torch.randn(6, 3))
         >>> logits.shape, loc.shape, scale.shape
@@ -240,6 +242,7 @@ def make_gmm_actor(
             ``set_exploration_type``. Defaults to ``InteractionType.RANDOM``.
 
     Examples:
+        >>> from torchrl_depeff.modules.mixture import make_gmm_actor
         >>> from tensordict import TensorDict
         >>> actor = make_gmm_actor(3, 2, num_cells=(16,))
         >>> td = actor(TensorDict({"observation": torch.randn(5, 3)}, batch_size=[5]))

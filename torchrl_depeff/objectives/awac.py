@@ -99,6 +99,7 @@ class AWACLoss(LossModule):
     ``"target_value_mean"``.
 
     Examples:
+        >>> from torchrl_depeff.objectives.awac import AWACLoss
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import TensorDictModule
         >>> from torchrl.modules import MLP, ValueOperator

@@ -70,6 +70,7 @@ class BCLoss(LossModule):
     ``deterministic_sample``).
 
     Examples:
+        >>> from torchrl_depeff.objectives.bc import BCLoss
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import TensorDictModule
         >>> actor = TensorDictModule(torch.nn.Linear(3, 2), in_keys=["observation"], out_keys=["loc"])
@@ -231,6 +232,7 @@ def train_bc(
         (best), ``"holdout_losses"`` (list per epoch), ``"best_epoch"`` and ``"stopped_early"``.
 
     Examples:
+        >>> from torchrl_depeff.objectives.bc import train_bc
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import TensorDictModule
         >>> actor = TensorDictModule(torch.nn.Linear(3, 2), in_keys=["observation"], out_keys=["loc"])
