@@ -314,18 +314,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_awac_learns_contextual_bandit(_one_thread):
-    """AWAC on a 25 % expert / 75 % uniform dataset beats the data's average behaviour."""
+def _train_bandit(awac_lambda: float, steps: int = 600) -> tuple[float, float, float, float]:
+    """Train AWAC on the bandit; returns (learned, dataset, random) mean rewards and seconds."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = _bandit_data(4000, g)
     actor = make_gmm_actor(OBS, ACT, num_components=3, num_cells=(64, 64))
     qnet = ValueOperator(MLP(in_features=OBS + ACT, out_features=1, num_cells=[64, 64]), in_keys=["observation", "action"])
-    loss = AWACLoss(actor, qnet, awac_lambda=0.1, num_value_samples=4, check_inputs=False)
+    loss = AWACLoss(actor, qnet, awac_lambda=awac_lambda, num_value_samples=4, check_inputs=False)
     optim = torch.optim.Adam(loss.parameters(), lr=3e-3)
     updater = SoftUpdate(loss, tau=0.05)
     start = time.perf_counter()
-    for _ in range(600):
+    for _ in range(steps):
         batch = data[torch.randint(0, 4000, (256,), generator=g)]
         out = loss(batch)
         optim.zero_grad()
@@ -340,6 +340,20 @@ def test_awac_learns_contextual_bandit(_one_thread):
     learned = -(act - best).pow(2).sum(-1).mean().item()
     dataset = data["next", "reward"].mean().item()
     random = -(torch.rand(2000, ACT, generator=g) * 2 - 1 - best).pow(2).sum(-1).mean().item()
+    return learned, dataset, random, elapsed
+
+
+def test_awac_learns_contextual_bandit(_one_thread):
+    """AWAC on a 25 % expert / 75 % uniform dataset beats the data's average behaviour."""
+    learned, dataset, random, elapsed = _train_bandit(awac_lambda=0.1)
     # rewards are <= 0; measured: learned -0.004, dataset -0.886, random -1.163 in ~13 s
     assert learned > 0.1 * dataset, (learned, dataset, random, elapsed)
     assert learned > 0.1 * random, (learned, dataset, random, elapsed)
+
+
+@pytest.mark.slow
+def test_awac_weighting_beats_plain_cloning(_one_thread):
+    """With lambda -> inf the weights are ~1 (plain BC of the mixed data); lambda = 0.1 must be better."""
+    awac, *_ = _train_bandit(awac_lambda=0.1)
+    bc_like, *_ = _train_bandit(awac_lambda=1e4)
+    assert awac > 0.5 * bc_like, (awac, bc_like)
