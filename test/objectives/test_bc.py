@@ -79,6 +79,20 @@ class TestBCLoss:
         const = td["action"].shape[-1] * (math.log(0.1) + 0.5 * math.log(2 * math.pi))
         torch.testing.assert_close(out["loss_bc"], out["mse"] / 0.01 + const)
 
+    def test_log_prob_with_gmm_actor(self):
+        from torchrl_depeff.modules.mixture import make_gmm_actor
+
+        torch.manual_seed(0)
+        actor, td = make_gmm_actor(3, 2, num_cells=(16,)), _data()
+        out = BCLoss(actor, loss_type="log_prob", weight_key="uncertainty")(td)
+        dist = actor.get_dist(td.select("observation").copy())
+        expected = (td["uncertainty"] * -dist.log_prob(td["action"])).mean()
+        torch.testing.assert_close(out["loss_bc"], expected)
+        mse = (0.5 * (td["action"] - dist.deterministic_sample).pow(2).sum(-1)).mean()
+        torch.testing.assert_close(out["mse"], mse.detach())
+        with pytest.raises(ValueError, match="shape"):  # "loc" is [*B, K, d]: no mse on a mixture
+            BCLoss(actor)(td)
+
     def test_weighted_equals_hand_weighted(self):
         actor, td = _loc_actor(), _data()
         out = BCLoss(actor, weight_key="uncertainty")(td)
