@@ -26,10 +26,10 @@ __all__ = [
 _KERNELS = ("auto", "bmm", "loop")
 
 # Measured on the 2-core AMD EPYC CPU this project runs on (benchmarks/bench_ensemble.py,
-# forward+backward+Adam, see benchmarks/README.md): per-member ``addmm`` on the stored weight
-# slices beats one ``baddbmm`` once a layer has at least this many weights per member
-# (e.g. the 1024x1024 BREMEN layer), while ``baddbmm`` wins for small layers (200x200,
-# MB2PO) where the per-call overhead of E separate GEMMs dominates.
+# forward+backward+Adam, see benchmarks/README.md): a per-member loop is at least as fast as
+# one ``baddbmm`` once a layer has this many weights per member (the 1024x1024 BREMEN layer;
+# 14% faster with 2 threads), while ``baddbmm`` wins for small layers (200x200, MB2PO) where
+# the per-call overhead of E separate GEMMs dominates.
 _CPU_LOOP_MIN_WEIGHTS = 512 * 512
 
 
@@ -55,9 +55,10 @@ class EnsembleLinear(nn.Module):
           slice (never a loop over samples), stacked into ``[E, N, out]``.
         * ``"auto"``: ``"bmm"`` on CUDA; on CPU ``"loop"`` when ``in * out >= 512 * 512``
           and ``"bmm"`` otherwise. The rule was measured on this project's 2-core CPU with
-          ``benchmarks/bench_ensemble.py`` (numbers in ``benchmarks/README.md``): at BREMEN
-          size (1024 x 1024 layers) the member loop reaches a higher fraction of the GEMM
-          throughput than ``baddbmm``; at MB2PO size (200 x 200) batching wins.
+          ``benchmarks/bench_ensemble.py`` (numbers in ``benchmarks/README.md``): small
+          layers (200 x 200) run faster batched; for a 1024 x 1024 layer the two are within
+          the machine's noise, and the gain of the loop at BREMEN size comes from running a
+          member's whole MLP on cache-sized activations (``EnsembleMLP(kernel="loop")``).
 
     Args:
         num_members (int): ensemble size ``E`` (>= 1).
@@ -202,9 +203,10 @@ class EnsembleMLP(nn.Module):
             ``"auto"``: ``"bmm"`` on CUDA; on CPU ``"loop"`` if some layer has
             ``in * out >= 512 * 512`` weights, else ``"bmm"``. Measured with
             ``benchmarks/bench_ensemble.py`` on this project's 2-core CPU (README there):
-            at BREMEN size (2 x 1024) the member loop is ~15% faster than ``baddbmm`` and
-            level with a loop over ``nn.Sequential``; at MB2PO size (4 x 200) ``baddbmm``
-            is ~25% faster than the loop. Defaults to ``"auto"``.
+            with 2 threads at BREMEN size (2 x 1024, fwd+bwd+Adam) the member loop took
+            221 ms/step vs 255 ms for ``baddbmm`` (a loop over ``nn.Sequential``: 216 ms);
+            with 1 thread both are within 3%. At MB2PO size (4 x 200) ``baddbmm`` is as fast
+            as or faster than the loop (1.0-1.3x over runs). Defaults to ``"auto"``.
 
     Examples:
         >>> mlp = EnsembleMLP(3, 4, 2, num_cells=(8, 8))
