@@ -119,6 +119,12 @@ class TestEnsembleDynamicsLoss:
         with pytest.raises(ValueError, match=re.escape(repr(key))):
             EnsembleDynamicsLoss(_model(predict_reward=True))(td)
 
+    def test_check_finite_off_skips_check(self):
+        td = _data()
+        td["observation"][0, 0] = float("nan")
+        out = EnsembleDynamicsLoss(_model(predict_reward=True), check_finite=False)(td)
+        assert torch.isnan(out["loss_dynamics"])
+
     def test_set_keys(self):
         model = _model()
         loss = EnsembleDynamicsLoss(model)

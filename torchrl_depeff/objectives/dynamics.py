@@ -53,6 +53,9 @@ class EnsembleDynamicsLoss(LossModule):
         logvar_bound_coef (float, optional): weight of the log-variance bound penalty (NLL only).
             Defaults to ``0.01``.
         member_first (bool, optional): see above. Defaults to ``None`` (infer).
+        check_finite (bool, optional): raise ``ValueError`` naming the key on NaN/inf inputs.
+            Costs one device sync per call; :class:`~torchrl_depeff.trainers.EnsembleTrainer`
+            checks its data once and turns it off. Defaults to ``True``.
 
     Outputs:
         ``"loss_dynamics"`` (scalar, differentiable), detached ``"member_loss"`` ``[E]`` (the
@@ -104,6 +107,7 @@ class EnsembleDynamicsLoss(LossModule):
         logvar_bound_coef: float = 0.01,
         *,
         member_first: bool | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(ensemble, DynamicsEnsemble):
@@ -118,6 +122,7 @@ class EnsembleDynamicsLoss(LossModule):
         self.loss_type = loss_type
         self.logvar_bound_coef = float(logvar_bound_coef)
         self.member_first = member_first
+        self.check_finite = bool(check_finite)
         self.num_members = ensemble.num_members
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
@@ -127,6 +132,8 @@ class EnsembleDynamicsLoss(LossModule):
         value = td.get(key, None)
         if value is None:
             raise KeyError(f"EnsembleDynamicsLoss: key {key!r} not found in the input tensordict")
+        if not self.check_finite:
+            return value
         bad = int((~torch.isfinite(value)).sum())
         if bad:
             raise ValueError(f"EnsembleDynamicsLoss: {bad} non-finite (NaN/inf) values in {key!r}")

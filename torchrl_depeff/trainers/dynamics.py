@@ -131,7 +131,9 @@ class EnsembleTrainer:
                     f"parameter {name!r} of shape {tuple(p.shape)} is not member-first with {E} members"
                 )
         self.ensemble = ensemble
-        self.loss_module = EnsembleDynamicsLoss(ensemble, loss_type=loss_type, member_first=True)
+        self.loss_module = EnsembleDynamicsLoss(
+            ensemble, loss_type=loss_type, member_first=True, check_finite=False
+        )
         self.optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr, weight_decay=weight_decay)
         self.batch_size = batch_size
         self.holdout_ratio = holdout_ratio
