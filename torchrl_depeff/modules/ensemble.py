@@ -68,6 +68,7 @@ class EnsembleLinear(nn.Module):
         kernel (str, optional): ``"auto"``, ``"bmm"`` or ``"loop"``. Defaults to ``"auto"``.
 
     Examples:
+        >>> from torchrl_depeff.modules.ensemble import EnsembleLinear
         >>> layer = EnsembleLinear(5, 3, 2)
         >>> layer(torch.randn(5, 10, 3)).shape  # per-member input
         torch.Size([5, 10, 2])
@@ -209,6 +210,7 @@ class EnsembleMLP(nn.Module):
             as or faster than the loop (1.0-1.3x over runs). Defaults to ``"auto"``.
 
     Examples:
+        >>> from torchrl_depeff.modules.ensemble import EnsembleMLP
         >>> mlp = EnsembleMLP(3, 4, 2, num_cells=(8, 8))
         >>> mlp(torch.randn(10, 4), member_first=False).shape
         torch.Size([3, 10, 2])
@@ -359,6 +361,7 @@ class DynamicsEnsemble(TensorDictModuleBase):
 
     Examples:
         >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
         >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(16,), probabilistic=True,
         ...                          predict_reward=True)
         >>> td = TensorDict({"observation": torch.randn(10, 3), "action": torch.randn(10, 2)}, [10])

@@ -25,6 +25,7 @@ class Normalizer(nn.Module):
             zero and replaced by ``1``. Defaults to ``1e-8``.
 
     Examples:
+        >>> from torchrl_depeff.modules.normalizers import Normalizer
         >>> norm = Normalizer(3)
         >>> x = torch.tensor([[0.0, 1.0, 5.0], [2.0, 3.0, 5.0]])
         >>> norm.fit(x)

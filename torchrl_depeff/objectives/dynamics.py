@@ -65,6 +65,7 @@ class EnsembleDynamicsLoss(LossModule):
     Examples:
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+        >>> from torchrl_depeff.objectives.dynamics import EnsembleDynamicsLoss
         >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(16,), probabilistic=True)
         >>> loss = EnsembleDynamicsLoss(model, loss_type="nll")
         >>> td = TensorDict({"observation": torch.randn(8, 3), "action": torch.randn(8, 2),

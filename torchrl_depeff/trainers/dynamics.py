@@ -84,6 +84,7 @@ class EnsembleTrainer:
     Examples:
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+        >>> from torchrl_depeff.trainers.dynamics import EnsembleTrainer
         >>> model = DynamicsEnsemble(3, 1, num_members=3, num_cells=(32,), num_elites=2)
         >>> obs, act = torch.randn(200, 3), torch.randn(200, 1)
         >>> data = TensorDict({"observation": obs, "action": act,
