@@ -337,9 +337,9 @@ class DynamicsEnsemble(TensorDictModuleBase):
     runs on its own rows (``grouped_kernel="loop"``, ``E`` small matmul chains) or the rows are
     packed into a padded ``[E, max_rows, d]`` block that runs through the batched network once
     (``"padded"``; ``max_rows`` is about ``N / E`` for a uniform draw). ``"auto"`` uses
-    ``"loop"`` on CPU, where it was measured faster than ``"padded"`` in every run of
-    ``benchmarks/bench_ensemble.py`` (and both ~2.5x faster than computing every member and
-    gathering, at BREMEN size, 10k rows), and ``"padded"`` on CUDA (fewer kernel launches; a
+    ``"loop"`` on CPU, where it was faster than ``"padded"`` in 3 of 4 runs of
+    ``benchmarks/bench_ensemble.py`` (by 5-20%; within this machine's noise), both being
+    2.5-5x faster than computing every member and gathering (BREMEN size, 10k rows), and ``"padded"`` on CUDA (fewer kernel launches; a
     choice, not measured here: no GPU was available).
 
     Args:
