@@ -1,2 +1,21 @@
-"""envs of torchrl_depeff."""
+"""Environments: the ensemble model env, uncertainty penalties and task definitions."""
 from __future__ import annotations
+
+from torchrl_depeff.envs import rewards
+from torchrl_depeff.envs.model_env import EnsembleModelEnv, MEMBER_SELECTIONS, UNCERTAINTY_KEYS
+from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
+from torchrl_depeff.envs.tasks import get_task, make_env, TASK_NAMES, TaskReward, TaskSpec
+
+__all__ = [
+    "EnsembleModelEnv",
+    "HardUncertaintyPenalty",
+    "MEMBER_SELECTIONS",
+    "SoftUncertaintyPenalty",
+    "TASK_NAMES",
+    "TaskReward",
+    "TaskSpec",
+    "UNCERTAINTY_KEYS",
+    "get_task",
+    "make_env",
+    "rewards",
+]
