@@ -3,7 +3,8 @@
 Run: ``python benchmarks/bench_model_env.py`` (``--quick`` for a smoke run).
 
 Both sides do the same work per step: a linear-tanh policy, one ensemble prediction with the
-same member selection (``per_step``: every member then one picked; ``per_sample``:
+same member selection (``per_step``: only the member drawn
+for the whole batch is evaluated; ``per_sample``:
 ``predict(member_index=...)``; ``mean``: every member averaged; ``per_sample+disagreement``:
 every member, gather, and the pairwise-disagreement uncertainty), Gaussian noise for a
 probabilistic ensemble, HalfCheetah reward and no termination. Timing is interleaved and
@@ -53,13 +54,14 @@ def _bare_loop(model, policy_net, start, steps, mode, gen):
             idx = torch.randint(E, obs.shape[:-1], generator=gen)
             pred = model.predict(obs, action, member_index=idx)
             loc, scale = pred.loc, pred.scale
+        elif mode == "per_step":
+            idx = torch.randint(E, (1,), generator=gen).expand(obs.shape[:-1])
+            pred = model.predict(obs, action, member_index=idx)
+            loc, scale = pred.loc, pred.scale
         else:
             pred = model.predict(obs, action)
             if mode == "mean":
                 loc, scale = pred.loc.mean(0), None
-            elif mode == "per_step":
-                m = torch.randint(E, (1,), generator=gen)
-                loc, scale = pred.loc.index_select(0, m)[0], pred.scale.index_select(0, m)[0]
             else:  # per_sample + disagreement
                 idx = torch.randint(E, obs.shape[:-1], generator=gen)
                 x = pred.loc.movedim(0, -2)

@@ -109,6 +109,13 @@ class TestMemberSelection:
         assert set(d[0, :, 0].round().tolist()) <= {1.0, 2.0, 3.0, 4.0}
         assert len(set(d[0, :, 0].round().tolist())) > 1  # member redrawn across steps
 
+    def test_per_step_without_uncertainty_evaluates_one_member(self):
+        model = OffsetEnsemble()
+        env = _env(model, member_selection="per_step", batch_size=32)
+        env.rollout(4, break_when_any_done=False)
+        # every call went through member_index, i.e. only the drawn member was evaluated
+        assert model.calls and all(model.calls)
+
     def test_per_sample_rows_differ(self):
         model = OffsetEnsemble()
         env = _env(model, member_selection="per_sample", batch_size=64)

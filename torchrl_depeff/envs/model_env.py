@@ -417,10 +417,16 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         model = self.world_model
         B = obs.shape[:-1]
         mode = self.member_selection
-        need_all = bool(self.uncertainty) or mode in ("per_step", "mean")
+        need_all = bool(self.uncertainty) or mode == "mean"
         if not need_all:
-            # one member per row without evaluating every member for every row
-            idx = tensordict.get(_MEMBER_KEY) if mode == "per_trajectory" else self._draw_members(B)
+            # one member per row without evaluating every member for every row; "per_step"
+            # draws a single member for the whole batch (BREMEN eq. 2), so only it is evaluated
+            if mode == "per_trajectory":
+                idx = tensordict.get(_MEMBER_KEY)
+            elif mode == "per_step":
+                idx = self._draw_members((1,)).expand(B)
+            else:
+                idx = self._draw_members(B)
             pred = model.predict(obs, action, member_index=idx)
             return pred.loc, pred.scale, pred.reward, {}
         pred = model.predict(obs, action)
