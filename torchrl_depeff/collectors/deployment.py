@@ -263,8 +263,9 @@ def collect_deployment(
 class DeploymentCollector:
     """Stateful deployments: a frozen copy refreshed only by an explicit :meth:`deploy`.
 
-    ``deploy(policy)`` copies the learner's weights into the frozen copy (in place, so workers of a
-    later collection see them) and bumps ``policy_version``; :meth:`collect` runs one deployment
+    ``deploy(policy)`` copies the learner's weights into the frozen copy with
+    ``load_state_dict`` (choice: each :meth:`collect` builds a fresh collector from the frozen copy,
+    so no long-lived collector needs ``update_policy_weights_``) and bumps ``policy_version``; :meth:`collect` runs one deployment
     with the current frozen copy and bumps ``deployment``. Training the learner between the two
     never changes what is collected.
 
