@@ -125,10 +125,14 @@ class TestDeploymentReplayBuffers:
         bufs.add_deployment(make_transitions(30), policy_version=0)
         assert len(bufs.all()) == 30
         bufs.add_deployment(make_transitions(10), policy_version=1)
-        view = bufs.all()
-        out = view.sample()
+        bufs.add_deployment(make_transitions(10), policy_version=2)  # 32 % 3 != 0 must still work
+        out = bufs.all().sample()
         assert out["deployment"].numel() == 32
-        assert set(out["deployment"].reshape(-1).tolist()) <= {0, 1}
+        assert set(out["deployment"].reshape(-1).tolist()) <= {0, 1, 2}
+        # buffer probability proportional to size: deployment 0 holds 30 of 50 rows
+        view = bufs.all()
+        big = torch.cat([view.sample()["deployment"].reshape(-1) for _ in range(60)])
+        assert abs((big == 0).float().mean().item() - 0.6) < 0.05
 
     @pytest.mark.parametrize(
         "key,err",
