@@ -1,2 +1,36 @@
-"""data of torchrl_depeff."""
+"""Data: per-deployment replay buffers, behaviour datasets and offline dataset loaders."""
 from __future__ import annotations
+
+from torchrl_depeff.data.datasets import (
+    ClippedGaussianAction,
+    collect_behaviour_dataset,
+    EpsilonUniformAction,
+    load_behaviour_dataset,
+    load_d4rl_hdf5,
+    load_minari,
+    NOISE_VARIANTS,
+    save_behaviour_dataset,
+    UniformRandomAction,
+    validate_offline_dataset,
+)
+from torchrl_depeff.data.deployments import (
+    DeploymentReplayBuffers,
+    REQUIRED_KEYS,
+    validate_transitions,
+)
+
+__all__ = [
+    "ClippedGaussianAction",
+    "DeploymentReplayBuffers",
+    "EpsilonUniformAction",
+    "NOISE_VARIANTS",
+    "REQUIRED_KEYS",
+    "UniformRandomAction",
+    "collect_behaviour_dataset",
+    "load_behaviour_dataset",
+    "load_d4rl_hdf5",
+    "load_minari",
+    "save_behaviour_dataset",
+    "validate_offline_dataset",
+    "validate_transitions",
+]
