@@ -137,8 +137,11 @@ class TestSaveLoad:
 
 
 class TestValidate:
-    def test_ok(self):
-        validate_offline_dataset(transitions())
+    def test_valid_dataset_passes_unchanged(self):
+        td = transitions()
+        before = td.clone()
+        validate_offline_dataset(td)  # raises on any problem
+        assert (td == before).all()
 
     @pytest.mark.parametrize(
         "mutate,err,match",
