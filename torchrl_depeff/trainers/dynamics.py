@@ -135,7 +135,11 @@ class EnsembleTrainer:
         self.loss_module = EnsembleDynamicsLoss(
             ensemble, loss_type=loss_type, member_first=True, check_finite=False
         )
-        self.optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr, weight_decay=weight_decay)
+        # fused Adam: one kernel over each stacked [E, ...] tensor (about 4x faster than the
+        # foreach path at BREMEN size on CPU, see benchmarks/README.md)
+        self.optimizer = torch.optim.Adam(
+            ensemble.parameters(), lr=lr, weight_decay=weight_decay, fused=True
+        )
         self.batch_size = batch_size
         self.holdout_ratio = holdout_ratio
         self.max_epochs = max_epochs
