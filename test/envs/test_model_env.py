@@ -199,6 +199,16 @@ class TestUncertainty:
         assert torch.allclose(ro["next", "model_std_norm"], torch.tensor(2.0 * math.sqrt(OBS)))
         assert torch.allclose(ro["next", "model_cov_frobenius"], torch.tensor(4.0 * math.sqrt(OBS)))
 
+    def test_ensemble_std_deterministic(self):
+        # offsets 1..4 in every dim: population std over members = sqrt(1.25); the max over dims
+        # is the same; a deterministic ensemble is enough (BREMEN App. E soft penalty)
+        env = _env(OffsetEnsemble(offsets=(1.0, 2.0, 3.0, 4.0)), member_selection="per_step",
+                   uncertainty=("ensemble_std",))
+        ro = env.rollout(2)
+        assert torch.allclose(ro["next", "model_ensemble_std"], torch.tensor(math.sqrt(1.25)))
+        env = _env(OffsetEnsemble(offsets=(2.0, 2.0, 2.0, 2.0)), uncertainty=("ensemble_std",))
+        assert torch.count_nonzero(env.rollout(2)["next", "model_ensemble_std"]) == 0
+
     def test_disagreement_real_ensemble_matches_loop(self):
         model = DynamicsEnsemble(OBS, ACT, num_members=4, num_cells=(8,))
         env = _env(model, member_selection="mean", uncertainty=("disagreement",), batch_size=7)

@@ -17,6 +17,7 @@ UNCERTAINTY_KEYS: dict[str, str] = {
     "disagreement": "model_disagreement",
     "std_norm": "model_std_norm",
     "cov_frobenius": "model_cov_frobenius",
+    "ensemble_std": "model_ensemble_std",
 }
 MEMBER_SELECTIONS: tuple[str, ...] = ("per_step", "per_sample", "per_trajectory", "mean")
 
@@ -50,7 +51,10 @@ class EnsembleModelEnv(ModelBasedEnvBase):
       App. E hard penalty),
     * ``"model_std_norm"``: :math:`\max_i\lVert\sigma_i\rVert_2` (MOPO soft penalty),
     * ``"model_cov_frobenius"``: :math:`\max_i\lVert\Sigma_i\rVert_F = \max_i\lVert\sigma_i^2
-      \rVert_2` for diagonal :math:`\Sigma_i` (MB2PO).
+      \rVert_2` for diagonal :math:`\Sigma_i` (MB2PO),
+    * ``"model_ensemble_std"``: :math:`\max_k \operatorname{std}_i(\mu_{i,k})`, the largest
+      across-member standard deviation of the predicted next state (BREMEN App. E soft penalty,
+      "the maximum standard deviation of the model ensembles", for deterministic members).
 
     Member selection (``member_selection``):
 
@@ -111,7 +115,7 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         member_selection (str, optional): see above. Defaults to ``"per_step"``.
         max_episode_steps (int, optional): truncation horizon. Defaults to ``1000``.
         uncertainty (sequence of str, optional): among ``"disagreement"``, ``"std_norm"``,
-            ``"cov_frobenius"``. Defaults to ``("disagreement",)``.
+            ``"cov_frobenius"``, ``"ensemble_std"``. Defaults to ``("disagreement",)``.
         elites_only (bool, optional): draw members from ``elite_indices``. Defaults to ``False``.
         device (torch.device, optional): env device. Defaults to the ensemble's device.
         generator (torch.Generator, optional): RNG for member draws, noise and start states.
@@ -167,7 +171,7 @@ class EnsembleModelEnv(ModelBasedEnvBase):
                 raise ValueError(
                     f"unknown uncertainty {name!r}; valid names are {sorted(UNCERTAINTY_KEYS)}"
                 )
-            if name != "disagreement" and not ensemble.probabilistic:
+            if name not in ("disagreement", "ensemble_std") and not ensemble.probabilistic:
                 raise ValueError(
                     f"uncertainty {name!r} needs a probabilistic ensemble (scale), but "
                     f"ensemble.probabilistic is False"
@@ -396,6 +400,10 @@ class EnsembleModelEnv(ModelBasedEnvBase):
                 flat = x.reshape(-1, *x.shape[-2:])
                 d = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
                 u = d.flatten(-2).amax(-1).reshape(*x.shape[:-2], 1)
+            elif name == "ensemble_std":
+                # BREMEN App. E soft penalty with deterministic members: the largest (over state
+                # dims) standard deviation of the member predictions, max_k std_i(mu_{i,k})
+                u = loc.std(0, correction=0).amax(-1, keepdim=True)
             elif name == "std_norm":
                 # MOPO: max_i ||sigma_i||_2
                 u = scale.norm(dim=-1, keepdim=True).amax(0)
