@@ -1,0 +1,451 @@
+"""MUSBO's uncertainty labeler and the per-sample uncertainty weights it feeds.
+
+MUSBO (Su et al., https://arxiv.org/abs/2102.11448) trains, next to the BREMEN dynamics ensemble
+``T_hat``, a *separate* ensemble of ``K`` probabilistic networks ``P_hat`` (sec. 3.2, App. F:
+``K = 3``, 2 x 1024, Adam ``1e-3``, 85/15 split, early stopping after 3 epochs without holdout
+improvement) and uses it in three places:
+
+* eq. (9), labelled data: ``U_hat(a, s) = max_i 1 - clip(||s_{t+1} - s_hat^(i)_{t+1}||_2^2, 0, 1)``,
+  written as ``"uncertainty"`` by :class:`UncertaintyLabeler`;
+* eq. (11), behaviour cloning: the weights ``U_hat(a_t, s_t)`` (:func:`bc_weights`);
+* eq. (12), imaginary rollouts (no ground truth): the squared disagreement
+  ``||s_hat^(i)_{t+1} - s_hat^(j)_{t+1}||_2^2`` of a random pair ``(i, j)`` of labeler members,
+  written by :class:`LabelerDisagreement` where
+  :class:`~torchrl_depeff.objectives.UncertaintyWeightedTRPOLoss` reads it and turns it into
+  ``exp(-alpha * d^2)`` (:func:`disagreement_weight`).
+
+All labels are computed under ``torch.no_grad``: they are targets/weights, and the paper never
+differentiates through them, so no gradient reaches the labeler from the policy losses.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
+from torch import nn
+
+from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+from torchrl_depeff.trainers.dynamics import EnsembleTrainer, FitResult
+
+__all__ = [
+    "UncertaintyLabeler",
+    "LabelerDisagreement",
+    "support_from_predictions",
+    "pair_sq_disagreement",
+    "disagreement_weight",
+    "bc_weights",
+]
+
+_MEMBER_REDUCTIONS = ("equation", "max_error")
+_PAIR_MODES = ("per_call", "per_trajectory", "per_row")
+
+
+def _get(td: TensorDictBase, key: NestedKey, what: str) -> torch.Tensor:
+    value = td.get(key, default=None)
+    if value is None:
+        raise KeyError(f"{what} key {key!r} not found in the tensordict (keys: {list(td.keys(True, True))})")
+    return value
+
+
+def support_from_predictions(
+    predictions: torch.Tensor,
+    next_observation: torch.Tensor,
+    *,
+    member_reduction: str = "equation",
+) -> torch.Tensor:
+    r"""MUSBO eq. (9): :math:`\hat U(a,s) = \max_i 1 - \mathrm{clip}(\lVert s_{t+1} - \hat s^{(i)}_{t+1}\rVert_2^2, 0, 1)`.
+
+    The squared error is summed over the state dimensions (eq. 9 writes the squared L2 norm), in
+    the raw (unnormalised) state space, clipped to ``[0, 1]`` and subtracted from 1, so
+    ``U_hat`` is in ``[0, 1]`` and equals 1 where a member predicts the next state exactly
+    (high support) and 0 where every error is ``>= 1``.
+
+    The paper is ambiguous about which member counts: eq. (9) puts the ``max`` over members
+    outside ``1 - clip(.)`` (= the *smallest* error), while the text below it says "we take the
+    maximum prediction error out of the K ensembles". ``member_reduction="equation"`` (default,
+    the equation as printed) gives ``max_i (1 - clip(e_i, 0, 1)) = 1 - clip(min_i e_i, 0, 1)``;
+    ``"max_error"`` (the text) gives ``1 - clip(max_i e_i, 0, 1)``, a more conservative weight.
+
+    Args:
+        predictions (torch.Tensor): member predictions of the next state ``[K, *B, d]``.
+        next_observation (torch.Tensor): observed next state ``[*B, d]``.
+
+    Keyword Args:
+        member_reduction (str): ``"equation"`` or ``"max_error"`` (see above). Defaults to
+            ``"equation"``.
+
+    Returns:
+        ``U_hat`` of shape ``[*B, 1]``.
+
+    Examples:
+        >>> from torchrl_depeff.modules.labeler import support_from_predictions
+        >>> preds = torch.tensor([[[0.5, 0.0]], [[2.0, 0.0]]])  # K=2, B=1, d=2
+        >>> s_next = torch.zeros(1, 2)  # squared errors 0.25 and 4.0
+        >>> support_from_predictions(preds, s_next)  # max_i 1 - clip(e_i) = 1 - 0.25
+        tensor([[0.7500]])
+        >>> support_from_predictions(preds, s_next, member_reduction="max_error")  # 1 - clip(4)
+        tensor([[0.]])
+    """
+    if member_reduction not in _MEMBER_REDUCTIONS:
+        raise ValueError(f"member_reduction must be one of {_MEMBER_REDUCTIONS}, got {member_reduction!r}")
+    if predictions.dim() < 2 or predictions.shape[1:] != next_observation.shape:
+        raise ValueError(
+            f"predictions must be [K, *B, d] with [*B, d] = next_observation shape "
+            f"{tuple(next_observation.shape)}, got {tuple(predictions.shape)}"
+        )
+    sq_err = (next_observation.unsqueeze(0) - predictions).pow(2).sum(-1, keepdim=True)  # [K, *B, 1]
+    # MUSBO eq. (9)
+    if member_reduction == "equation":
+        return (1.0 - sq_err.clamp(0.0, 1.0)).amax(0)
+    return 1.0 - sq_err.amax(0).clamp(0.0, 1.0)
+
+
+def pair_sq_disagreement(
+    predictions: torch.Tensor, i: torch.Tensor | int, j: torch.Tensor | int
+) -> torch.Tensor:
+    r"""Squared disagreement :math:`\lVert\hat s^{(i)} - \hat s^{(j)}\rVert_2^2` of MUSBO eq. (12).
+
+    Args:
+        predictions (torch.Tensor): member predictions ``[K, *B, d]``.
+        i (int or torch.LongTensor): first member, an int or a ``[*B]`` index broadcastable to
+            the batch shape (one member per row).
+        j (int or torch.LongTensor): second member, same convention.
+
+    Returns:
+        ``[*B, 1]``, summed over the state dimension.
+
+    Examples:
+        >>> from torchrl_depeff.modules.labeler import pair_sq_disagreement
+        >>> preds = torch.tensor([[[0.0, 0.0]], [[1.0, 2.0]], [[9.0, 9.0]]])  # K=3, B=1, d=2
+        >>> pair_sq_disagreement(preds, 0, 1)
+        tensor([[5.]])
+    """
+    K, batch, d = predictions.shape[0], predictions.shape[1:-1], predictions.shape[-1]
+
+    def pick(idx: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(idx, int):
+            if not 0 <= idx < K:
+                raise ValueError(f"member index {idx} out of range for {K} members")
+            return predictions[idx]
+        index = idx.to(predictions.device).long().expand(batch)
+        return predictions.gather(0, index[None, ..., None].expand(1, *batch, d)).squeeze(0)
+
+    return (pick(i) - pick(j)).pow(2).sum(-1, keepdim=True)
+
+
+def disagreement_weight(sq_disagreement: torch.Tensor, alpha: float = 0.028) -> torch.Tensor:
+    r"""MUSBO eq. (12) weight :math:`\exp(-\alpha\, d^2)`, computed without gradient.
+
+    The same formula :class:`~torchrl_depeff.objectives.UncertaintyWeightedTRPOLoss` applies to the
+    entry :class:`LabelerDisagreement` writes; exposed for inspection and hand checks.
+
+    Args:
+        sq_disagreement (torch.Tensor): ``d^2 >= 0`` of any shape.
+        alpha (float): temperature ``>= 0`` (MUSBO App. F: ``0.028``). Defaults to ``0.028``.
+
+    Examples:
+        >>> from torchrl_depeff.modules.labeler import disagreement_weight
+        >>> disagreement_weight(torch.tensor([0.0, 1.0]), alpha=2.0)
+        tensor([1.0000, 0.1353])
+    """
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    return torch.exp(-float(alpha) * sq_disagreement.detach())  # MUSBO eq. (12)
+
+
+def bc_weights(
+    tensordict: TensorDictBase,
+    *,
+    uncertainty_key: NestedKey = "uncertainty",
+    weight_key: NestedKey = "bc_weight",
+    normalize: bool = False,
+) -> TensorDictBase:
+    r"""MUSBO eq. (11) weights: ``weight = U_hat(a_t, s_t)``, written in place as ``[*B, 1]``.
+
+    Eq. (11) is :math:`\min_\beta \frac{1}{|D|}\sum \hat U(a_t,s_t)\,\tfrac12\lVert a_t - \hat\pi_\beta(s_t)\rVert^2`;
+    :class:`~torchrl_depeff.objectives.BCLoss` supplies the ``1/2`` and ``1/|D|``, so the weight
+    of a row is ``U_hat`` itself (read from ``uncertainty_key``, written by
+    :class:`UncertaintyLabeler`), detached. Pass ``weight_key`` to
+    :func:`~torchrl_depeff.objectives.train_bc`.
+
+    ``normalize=True`` (not in the paper) divides the weights by their mean so that the loss
+    keeps the scale of unweighted BC (a fixed learning rate then behaves the same whatever the
+    overall level of ``U_hat``); a batch whose weights are all 0 is left at 0.
+
+    Args:
+        tensordict (TensorDictBase): data holding ``uncertainty_key`` ``[*B, 1]`` or ``[*B]``.
+
+    Keyword Args:
+        uncertainty_key (NestedKey): entry holding ``U_hat``. Defaults to ``"uncertainty"``.
+        weight_key (NestedKey): entry written. Defaults to ``"bc_weight"``.
+        normalize (bool): rescale to mean 1. Defaults to ``False``.
+
+    Returns:
+        the same tensordict, with ``weight_key`` set.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.modules.labeler import bc_weights
+        >>> td = TensorDict(uncertainty=torch.tensor([[1.0], [0.25], [0.0]]), batch_size=[3])
+        >>> bc_weights(td)["bc_weight"].flatten().tolist()
+        [1.0, 0.25, 0.0]
+        >>> bc_weights(td, normalize=True)["bc_weight"].flatten()
+        tensor([2.4000, 0.6000, 0.0000])
+    """
+    u = _get(tensordict, uncertainty_key, "uncertainty").detach()
+    if u.shape == tensordict.batch_size:
+        u = u.unsqueeze(-1)
+    if u.shape != (*tensordict.batch_size, 1):
+        raise ValueError(
+            f"{uncertainty_key!r} must have shape {(*tensordict.batch_size, 1)} or "
+            f"{tuple(tensordict.batch_size)}, got {tuple(u.shape)}"
+        )
+    if u.numel() and not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError(
+            f"{uncertainty_key!r} must hold finite eq. (9) values in [0, 1], got min "
+            f"{float(u.min())} and max {float(u.max())}"
+        )
+    weight = u.clone()  # MUSBO eq. (11)
+    if normalize:
+        weight = weight / weight.mean().clamp_min(torch.finfo(weight.dtype).tiny)
+    tensordict.set(weight_key, weight)
+    return tensordict
+
+
+class UncertaintyLabeler(TensorDictModuleBase):
+    r"""MUSBO's uncertainty labeler ``P_hat`` (sec. 3.2, eq. (9)-(10), App. F).
+
+    A separate probabilistic ensemble (PNN, Chua et al. 2018) of ``K`` members trained with the
+    Gaussian NLL of eq. (10) by :class:`~torchrl_depeff.trainers.EnsembleTrainer` (Adam ``1e-3``,
+    85/15 holdout, per-member early stopping with patience 3, MUSBO App. F), distinct from the
+    dynamics ensemble ``T_hat`` so that errors of one do not propagate to the other.
+
+    :meth:`forward` reads ``"observation"``, ``"action"`` and ``("next", "observation")`` and
+    writes ``"uncertainty"`` ``[*B, 1]`` = ``U_hat`` of eq. (9) (see
+    :func:`support_from_predictions` for the ``member_reduction`` choice). Choices: the
+    prediction ``s_hat^(i)`` of a PNN member is its *mean* (eq. 9 uses a point prediction); the
+    error is measured in the raw state space, as written. Rows are processed in chunks of
+    ``chunk_size`` (bounded memory on large datasets; every chunk is one batched ensemble
+    call). The labels carry no gradient.
+
+    Which data to fit is the caller's choice: the paper's sec. 3.2 fits ``P_hat`` on batches
+    ``B(1..i-1)`` and labels the newest batch ``B(i)`` (its errors then measure novelty), while
+    issue 6 / App. F fit it on all deployment data.
+
+    Args:
+        observation_dim (int): state size ``d``.
+        action_dim (int): action size.
+        num_members (int): ``K >= 2`` (eq. (12) needs a pair). Defaults to ``3``.
+        num_cells (sequence of int): hidden sizes. Defaults to ``(1024, 1024)``.
+
+    Keyword Args:
+        member_reduction (str): ``"equation"`` or ``"max_error"``. Defaults to ``"equation"``.
+        lr (float): Adam learning rate. Defaults to ``1e-3``.
+        batch_size (int): fit minibatch per member. Defaults to ``256``.
+        holdout_ratio (float): holdout fraction. Defaults to ``0.15``.
+        patience (int): early-stopping patience in epochs. Defaults to ``3``.
+        max_epochs (int): epoch cap per :meth:`fit`. Defaults to ``100``.
+        activation (type): hidden activation. Defaults to ``nn.ReLU``.
+        uncertainty_key (NestedKey): entry written. Defaults to ``"uncertainty"``.
+        chunk_size (int): rows per batched call in :meth:`forward`. Defaults to ``65536``.
+        seed (int): seed of the holdout split and shuffling. Defaults to ``0``.
+        logger (torchrl Logger, optional): passed to the trainer.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler
+        >>> labeler = UncertaintyLabeler(3, 1, num_members=3, num_cells=(16,), max_epochs=2)
+        >>> obs, act = torch.randn(64, 3), torch.randn(64, 1)
+        >>> data = TensorDict({"observation": obs, "action": act,
+        ...                    ("next", "observation"): obs + 0.1 * act}, [64])
+        >>> result = labeler.fit(data)
+        >>> u = labeler(data)["uncertainty"]
+        >>> u.shape, bool(((u >= 0) & (u <= 1)).all()), u.requires_grad
+        (torch.Size([64, 1]), True, False)
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        num_members: int = 3,
+        num_cells: Sequence[int] = (1024, 1024),
+        *,
+        member_reduction: str = "equation",
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        holdout_ratio: float = 0.15,
+        patience: int = 3,
+        max_epochs: int = 100,
+        activation: type[nn.Module] = nn.ReLU,
+        uncertainty_key: NestedKey = "uncertainty",
+        chunk_size: int = 65536,
+        seed: int = 0,
+        logger: Any | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_members, int) or num_members < 2:
+            raise ValueError(
+                f"the uncertainty labeler needs num_members K >= 2 (MUSBO eq. 12 samples a pair), got {num_members!r}"
+            )
+        if member_reduction not in _MEMBER_REDUCTIONS:
+            raise ValueError(f"member_reduction must be one of {_MEMBER_REDUCTIONS}, got {member_reduction!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.member_reduction = member_reduction
+        self.chunk_size = chunk_size
+        self.uncertainty_key = uncertainty_key
+        self.in_keys = ["observation", "action", ("next", "observation")]
+        self.out_keys = [uncertainty_key]
+        # MUSBO App. F: K = 3 PNN, 2 x 1024
+        self.ensemble = DynamicsEnsemble(
+            observation_dim, action_dim, num_members=num_members, num_cells=num_cells,
+            activation=activation, probabilistic=True, predict_reward=False,
+        )
+        self.trainer = EnsembleTrainer(
+            self.ensemble, lr=lr, batch_size=batch_size, holdout_ratio=holdout_ratio,
+            patience=patience, max_epochs=max_epochs, loss_type="nll", seed=seed, logger=logger,
+        )
+
+    @property
+    def num_members(self) -> int:
+        """Ensemble size ``K``."""
+        return self.ensemble.num_members
+
+    def fit(self, data: TensorDictBase) -> FitResult:
+        """Fit ``P_hat`` on transitions (eq. (10), Gaussian NLL) with early stopping.
+
+        Args:
+            data (TensorDictBase): ``"observation"``, ``"action"``, ``("next", "observation")``,
+                any batch shape.
+
+        Returns:
+            the trainer's :class:`~torchrl_depeff.trainers.FitResult`.
+        """
+        return self.trainer.fit(data)
+
+    @torch.no_grad()
+    def predict(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Member mean predictions of the next state ``[K, *B, d]`` (chunked, no gradient).
+
+        Examples:
+            >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler
+            >>> labeler = UncertaintyLabeler(3, 1, num_members=2, num_cells=(8,))
+            >>> labeler.predict(torch.randn(5, 4, 3), torch.randn(5, 4, 1)).shape
+            torch.Size([2, 5, 4, 3])
+        """
+        batch = observation.shape[:-1]
+        obs = observation.reshape(-1, observation.shape[-1])
+        act = action.reshape(-1, action.shape[-1])
+        if obs.shape[0] != act.shape[0]:
+            raise ValueError(
+                f"observation batch {tuple(batch)} does not match action batch {tuple(action.shape[:-1])}"
+            )
+        outs = [
+            self.ensemble.predict(o, a).loc
+            for o, a in zip(obs.split(self.chunk_size), act.split(self.chunk_size))
+        ]
+        loc = torch.cat(outs, dim=1) if outs else obs.new_empty(self.num_members, 0, obs.shape[-1])
+        return loc.reshape(self.num_members, *batch, observation.shape[-1])
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Write ``U_hat`` of eq. (9), ``[*B, 1]``, under ``uncertainty_key``."""
+        obs = _get(tensordict, "observation", "observation")
+        act = _get(tensordict, "action", "action")
+        next_obs = _get(tensordict, ("next", "observation"), "next observation (eq. 9 needs the ground truth)")
+        preds = self.predict(obs, act)
+        u = support_from_predictions(preds, next_obs, member_reduction=self.member_reduction)
+        tensordict.set(self.uncertainty_key, u)
+        return tensordict
+
+
+class LabelerDisagreement(TensorDictModuleBase):
+    r"""MUSBO eq. (12) labels for imaginary rollouts: squared disagreement of a random labeler pair.
+
+    Reads ``"observation"`` and ``"action"`` (no ground-truth next state exists in a model
+    rollout), draws two distinct members ``i != j`` of the labeler uniformly and writes
+    ``d^2 = ||s_hat^(i)_{t+1} - s_hat^(j)_{t+1}||_2^2`` ``[*B, 1]`` (no gradient) under
+    ``out_key``, the ``"uncertainty"`` entry that
+    :class:`~torchrl_depeff.objectives.UncertaintyWeightedTRPOLoss` reads in its ``[*B, 1]``
+    form and maps to ``exp(-alpha * d^2)`` (eq. 12-13). Writing ``d^2`` rather than the weight
+    keeps ``alpha`` in one place, the loss.
+
+    Pair sampling (``pair``): the paper samples "two models (i, j)" for "the generated fictitious
+    trajectory". ``"per_trajectory"`` (default) draws a pair for every index of all batch dims but
+    the last one (a rollout TensorDict is ``[*N, T]``, time last); with a single batch dim it is
+    the same as ``"per_call"``, one pair for the whole call. ``"per_row"`` draws a pair for every
+    row. All ``K`` members are evaluated once, in one batched call, and the pair is gathered.
+
+    Args:
+        labeler (UncertaintyLabeler): the fitted labeler.
+
+    Keyword Args:
+        pair (str): ``"per_trajectory"``, ``"per_call"`` or ``"per_row"``. Defaults to
+            ``"per_trajectory"``.
+        out_key (NestedKey): entry written. Defaults to ``"uncertainty"``.
+        generator (torch.Generator, optional): RNG for the pair draws.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler, LabelerDisagreement
+        >>> labeler = UncertaintyLabeler(3, 1, num_members=3, num_cells=(8,))
+        >>> label = LabelerDisagreement(labeler, generator=torch.Generator().manual_seed(0))
+        >>> rollout = TensorDict({"observation": torch.randn(4, 5, 3), "action": torch.randn(4, 5, 1)}, [4, 5])
+        >>> d2 = label(rollout)["uncertainty"]
+        >>> d2.shape, bool((d2 >= 0).all())
+        (torch.Size([4, 5, 1]), True)
+    """
+
+    def __init__(
+        self,
+        labeler: UncertaintyLabeler,
+        *,
+        pair: str = "per_trajectory",
+        out_key: NestedKey = "uncertainty",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(labeler, UncertaintyLabeler):
+            raise TypeError(f"labeler must be an UncertaintyLabeler, got {type(labeler).__name__}")
+        if pair not in _PAIR_MODES:
+            raise ValueError(f"pair must be one of {_PAIR_MODES}, got {pair!r}")
+        self.labeler = labeler
+        self.pair = pair
+        self.out_key = out_key
+        self.generator = generator
+        self.in_keys = ["observation", "action"]
+        self.out_keys = [out_key]
+
+    def sample_pair(self, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two index tensors of ``shape`` with ``i != j`` everywhere, uniform over ordered pairs.
+
+        Examples:
+            >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler, LabelerDisagreement
+            >>> label = LabelerDisagreement(UncertaintyLabeler(2, 1, num_members=3, num_cells=(4,)))
+            >>> i, j = label.sample_pair((1000,))
+            >>> bool((i != j).all()), sorted(i.unique().tolist())
+            (True, [0, 1, 2])
+        """
+        K = self.labeler.num_members
+        i = torch.randint(K, tuple(shape), generator=self.generator)
+        j = (i + 1 + torch.randint(K - 1, tuple(shape), generator=self.generator)) % K
+        return i, j
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        obs = _get(tensordict, "observation", "observation")
+        act = _get(tensordict, "action", "action")
+        preds = self.labeler.predict(obs, act)  # [K, *B, d]
+        batch = preds.shape[1:-1]
+        if self.pair == "per_row":
+            shape = tuple(batch)
+        elif self.pair == "per_trajectory" and len(batch) >= 2:
+            shape = (*batch[:-1], 1)
+        else:
+            shape = (1,) * len(batch)
+        i, j = self.sample_pair(shape)
+        d2 = pair_sq_disagreement(preds, i.to(preds.device), j.to(preds.device))  # MUSBO eq. (12)
+        tensordict.set(self.out_key, d2)
+        return tensordict
