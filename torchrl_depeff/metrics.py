@@ -1,0 +1,277 @@
+"""Analysis metrics of MUSBO's ablations (sec. 4-5, Table 1, Fig. 6), usable alone.
+
+* :func:`novelty_score`: cosine score of a deployment's batch against all earlier data
+  (MUSBO Table 1; lower = more novel).
+* :func:`energy_distance`: energy distance between two samples, e.g. imaginary vs real
+  trajectories (MUSBO Fig. 6, left).
+* :func:`trajectory_mse`: per-step MSE of model rollouts that start from a real start state
+  and replay the recorded actions (MUSBO Fig. 6, right).
+
+:data:`METRIC_NAMES` holds the scalar names under which a deployment loop should log them
+(:mod:`torchrl_depeff.metrics_plots` reads them back from CSVLogger directories).
+"""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torch.nn import functional as F
+
+__all__ = ["METRIC_NAMES", "novelty_score", "energy_distance", "trajectory_mse"]
+
+METRIC_NAMES: dict[str, str] = {
+    "novelty": "metrics/novelty",
+    "energy_distance": "metrics/energy_distance",
+    "trajectory_mse": "metrics/trajectory_mse",
+}
+"""Logger scalar names of the metrics (one value per deployment, step = deployment index)."""
+
+_Data = Union[torch.Tensor, TensorDictBase]
+
+
+def _as_matrix(data: _Data, key: NestedKey, name: str) -> torch.Tensor:
+    if isinstance(data, TensorDictBase):
+        value = data.get(key, default=None)
+        if value is None:
+            raise KeyError(f"{name}: key {key!r} not found (keys: {list(data.keys(True, True))})")
+        data = value
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a TensorDict, got {type(data).__name__}")
+    if data.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if data.dim() == 1:
+        data = data.unsqueeze(-1)  # 1-D samples
+    data = data.reshape(-1, data.shape[-1])
+    if data.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(data.shape)})")
+    return data
+
+
+def novelty_score(
+    new_batch: _Data,
+    previous_data: _Data,
+    *,
+    key: NestedKey = "observation",
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    r"""Cosine score of a new batch against all previous data (MUSBO Table 1).
+
+    MUSBO sec. 4: "for each state observation in the current batch :math:`B^{(i)}`, we measure the
+    aggregated cosine score against each state observation in the previous aggregated batches,
+    averaged over the number of transitions". Choice: the aggregation over previous states is the
+    **maximum** cosine similarity (the nearest previous state in angle), so the score is
+
+    .. math:: \frac{1}{|B^{(i)}|}\sum_{s\in B^{(i)}} \max_{s'\in B^{(1)}\cup\dots\cup B^{(i-1)}} \cos(s, s').
+
+    It is 1 when every new state was already seen (identical batches) and decreases as the batch
+    holds states unlike earlier ones; Table 1 reports 0.99-0.86. The mean cosine over all pairs
+    would not be 1 for identical batches. A zero vector has cosine 0 with everything.
+
+    Cost: ``|B^(i)| x |previous|`` dot products, computed in ``chunk_size`` x ``chunk_size``
+    matrix-product blocks with a running max (memory ``O(chunk_size^2)``); subsample
+    ``previous_data`` for very large buffers.
+
+    Args:
+        new_batch (torch.Tensor or TensorDict): ``[*N, d]`` states (or a TensorDict holding them
+            under ``key``).
+        previous_data (torch.Tensor or TensorDict): ``[*M, d]`` states of earlier deployments.
+
+    Keyword Args:
+        key (NestedKey): entry read from TensorDicts. Defaults to ``"observation"``.
+        chunk_size (int): block size. Defaults to ``4096``.
+
+    Returns:
+        a scalar tensor in ``[-1, 1]``.
+
+    Examples:
+        >>> from torchrl_depeff.metrics import novelty_score
+        >>> x = torch.randn(100, 5)
+        >>> round(float(novelty_score(x, x)), 4)
+        1.0
+        >>> prev = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+        >>> round(float(novelty_score(torch.tensor([[1.0, 0.0]]), prev)), 4)  # nearest: cos 45 deg
+        0.7071
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    new = _as_matrix(new_batch, key, "new_batch")
+    prev = _as_matrix(previous_data, key, "previous_data")
+    if new.shape[-1] != prev.shape[-1]:
+        raise ValueError(
+            f"new_batch has {new.shape[-1]} features but previous_data has {prev.shape[-1]}"
+        )
+    new = F.normalize(new.to(prev.dtype), dim=-1)
+    prev = F.normalize(prev, dim=-1)
+    best = []
+    for new_chunk in new.split(chunk_size):
+        running = new_chunk.new_full((new_chunk.shape[0],), -2.0)
+        for prev_chunk in prev.split(chunk_size):
+            running = torch.maximum(running, (new_chunk @ prev_chunk.T).amax(-1))
+        best.append(running)
+    return torch.cat(best).clamp(-1.0, 1.0).mean()
+
+
+def _mean_pairwise_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    total = x.new_zeros(())
+    for x_chunk in x.split(chunk_size):
+        for y_chunk in y.split(chunk_size):
+            total = total + torch.cdist(x_chunk, y_chunk).sum()
+    return total / (x.shape[0] * y.shape[0])
+
+
+def energy_distance(
+    x: _Data,
+    y: _Data,
+    *,
+    squared: bool = False,
+    key: NestedKey = "observation",
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    r"""Energy distance between the samples ``x`` and ``y`` (MUSBO Fig. 6, left).
+
+    .. math:: D^2 = 2\,\mathbb E\lVert X - Y\rVert - \mathbb E\lVert X - X'\rVert - \mathbb E\lVert Y - Y'\rVert
+
+    with Euclidean norms. Choice: the **V-statistic** (every pair, including ``i = j``, divided by
+    ``n^2``): it is the energy distance of the two empirical distributions, hence always
+    ``>= 0`` and exactly 0 for identical samples (the unbiased U-statistic, which drops
+    ``i = j``, is negative for identical samples). Like :func:`scipy.stats.energy_distance` the
+    square root ``D`` is returned unless ``squared=True``; for 1-D samples the two agree.
+    Computed in float64 with blocked :func:`torch.cdist` (memory ``O(chunk_size^2)``).
+
+    Rows are samples: ``[N, d]`` (``[N]`` for scalars); extra leading dims are flattened into
+    samples, so a rollout ``[N, T, d]`` compares the state distributions. To compare whole
+    trajectories as points, pass ``[N, T * d]``.
+
+    Args:
+        x (torch.Tensor or TensorDict): first sample ``[*N, d]`` (TensorDict: read at ``key``).
+        y (torch.Tensor or TensorDict): second sample ``[*M, d]``.
+
+    Keyword Args:
+        squared (bool): return ``D^2`` instead of ``D``. Defaults to ``False``.
+        key (NestedKey): entry read from TensorDicts. Defaults to ``"observation"``.
+        chunk_size (int): block size of the distance matrices. Defaults to ``4096``.
+
+    Returns:
+        a float64 scalar tensor.
+
+    Examples:
+        >>> from torchrl_depeff.metrics import energy_distance
+        >>> x = torch.randn(50, 3)
+        >>> float(energy_distance(x, x))
+        0.0
+        >>> # 1-D: 2*E|X-Y| - E|X-X'| - E|Y-Y'| = 2*1 - 0 - 0 for points 0 and 1
+        >>> float(energy_distance(torch.tensor([0.0]), torch.tensor([1.0]), squared=True))
+        2.0
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    xs = _as_matrix(x, key, "x").to(torch.float64)
+    ys = _as_matrix(y, key, "y").to(torch.float64)
+    if xs.shape[-1] != ys.shape[-1]:
+        raise ValueError(f"x has {xs.shape[-1]} features but y has {ys.shape[-1]}")
+    exy = _mean_pairwise_distance(xs, ys, chunk_size)
+    exx = _mean_pairwise_distance(xs, xs, chunk_size)
+    eyy = _mean_pairwise_distance(ys, ys, chunk_size)
+    d2 = (2.0 * exy - exx - eyy).clamp_min(0.0)  # rounding can give -1e-16
+    return d2 if squared else d2.sqrt()
+
+
+def _model_step_fn(model: object, member: str | int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    ensemble = getattr(model, "world_model", model)  # EnsembleModelEnv holds the ensemble
+    if hasattr(ensemble, "predict") and hasattr(ensemble, "num_members"):
+        num_members = int(ensemble.num_members)
+        if member != "mean" and not (isinstance(member, int) and 0 <= member < num_members):
+            raise ValueError(f"member must be 'mean' or an int in [0, {num_members}), got {member!r}")
+
+        def step(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            loc = ensemble.predict(obs, act).loc  # [E, *B, d]
+            return loc.mean(0) if member == "mean" else loc[member]
+
+        return step
+    if callable(model):
+        return model  # (obs, action) -> next obs
+    raise TypeError(
+        f"model must be a DynamicsEnsemble, an EnsembleModelEnv or a callable (obs, action) -> "
+        f"next_obs, got {type(model).__name__}"
+    )
+
+
+@torch.no_grad()
+def trajectory_mse(
+    model: object,
+    real_trajectories: TensorDictBase,
+    *,
+    member: str | int = "mean",
+) -> torch.Tensor:
+    r"""Per-step MSE of open-loop model rollouts against real trajectories (MUSBO Fig. 6, right).
+
+    From the real start state ``s_0`` of every trajectory, the model is stepped with the
+    *recorded* actions, ``s_hat_{t+1} = f(s_hat_t, a_t)`` (its own predictions fed back), and
+    compared with the real ``s_{t+1}``:
+    ``mse[t] = mean over trajectories and state dims of (s_hat_{t+1} - s_{t+1})^2``.
+
+    Choices: the prediction is deterministic, the mean of the members' means
+    (``member="mean"``) or one member's mean (``member=k``), so the metric measures model error
+    and not sampling noise. Steps after a real episode ended (``("next", "done")`` earlier in the
+    row) are excluded: the state that follows belongs to a new episode. A step with no valid
+    trajectory is NaN. Each step is one batched call over all trajectories (the time loop is
+    inherent to a rollout).
+
+    Args:
+        model: a :class:`~torchrl_depeff.modules.DynamicsEnsemble`, an
+            :class:`~torchrl_depeff.envs.EnsembleModelEnv` (its ``world_model`` is used) or a
+            callable ``(observation, action) -> next_observation``.
+        real_trajectories (TensorDictBase): ``[N, T]`` (or ``[T]``) with ``"observation"``,
+            ``"action"``, ``("next", "observation")`` and optionally ``("next", "done")``.
+
+    Keyword Args:
+        member (str or int): ``"mean"`` or a member index. Defaults to ``"mean"``.
+
+    Returns:
+        ``[T]`` per-step MSE (float).
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.metrics import trajectory_mse
+        >>> obs0, actions = torch.zeros(4, 1, 2), torch.ones(4, 3, 2)
+        >>> real_obs = obs0 + actions.cumsum(1)  # s_{t+1} = s_t + a_t
+        >>> traj = TensorDict({"observation": torch.cat([obs0, real_obs[:, :-1]], 1), "action": actions,
+        ...                    ("next", "observation"): real_obs}, [4, 3])
+        >>> trajectory_mse(lambda s, a: s + a, traj)  # a perfect model
+        tensor([0., 0., 0.])
+        >>> trajectory_mse(lambda s, a: s + 2 * a, traj)  # error grows by 1 per step and dim
+        tensor([1., 4., 9.])
+    """
+    if not isinstance(real_trajectories, TensorDictBase):
+        raise TypeError(f"real_trajectories must be a TensorDict, got {type(real_trajectories).__name__}")
+    td = real_trajectories
+    if td.batch_dims == 1:
+        td = td.unsqueeze(0)
+    if td.batch_dims != 2:
+        raise ValueError(f"real_trajectories must have batch [N, T] or [T], got {tuple(real_trajectories.batch_size)}")
+    step = _model_step_fn(model, member)
+    keys = ("observation", "action", ("next", "observation"))
+    for k in keys:
+        if k not in td.keys(include_nested=True):
+            raise KeyError(f"trajectory_mse: key {k!r} not found in real_trajectories")
+    obs, actions, next_obs = (td.get(k) for k in keys)
+    done = td.get(("next", "done"), None)
+    N, T = td.batch_size
+    if done is None:
+        valid = torch.ones(N, T, dtype=torch.bool, device=obs.device)
+    else:
+        done = done.reshape(N, T).to(torch.bool)
+        # valid at t iff no episode end strictly before t
+        ended_before = torch.cat([done.new_zeros(N, 1), done[:, :-1]], 1).cumsum(1) > 0
+        valid = ~ended_before
+    state = obs[:, 0]
+    errors = []
+    for t in range(T):
+        state = step(state, actions[:, t])
+        errors.append((state - next_obs[:, t]).pow(2).mean(-1))  # [N]
+    err = torch.stack(errors, 1).to(torch.float32)  # [N, T]
+    count = valid.sum(0)
+    total = torch.where(valid, err, torch.zeros_like(err)).sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
