@@ -8,6 +8,9 @@ improvement) and uses it in three places:
 * eq. (9), labelled data: ``U_hat(a, s) = max_i 1 - clip(||s_{t+1} - s_hat^(i)_{t+1}||_2^2, 0, 1)``,
   written as ``"uncertainty"`` by :class:`UncertaintyLabeler`;
 * eq. (11), behaviour cloning: the weights ``U_hat(a_t, s_t)`` (:func:`bc_weights`);
+* eq. (22), deployment (no ground truth yet): the noise variance of the exploration action,
+  written by :class:`ExplorationUncertainty` for
+  :class:`~torchrl_depeff.modules.UncertaintyActionNoise`;
 * eq. (12), imaginary rollouts (no ground truth): the squared disagreement
   ``||s_hat^(i)_{t+1} - s_hat^(j)_{t+1}||_2^2`` of a random pair ``(i, j)`` of labeler members,
   written by :class:`LabelerDisagreement` where
@@ -33,13 +36,16 @@ from torchrl_depeff.trainers.dynamics import EnsembleTrainer, FitResult
 __all__ = [
     "UncertaintyLabeler",
     "LabelerDisagreement",
+    "ExplorationUncertainty",
     "support_from_predictions",
+    "expected_sq_error",
     "pair_sq_disagreement",
     "disagreement_weight",
     "bc_weights",
 ]
 
 _MEMBER_REDUCTIONS = ("equation", "max_error")
+_EXPLORATION_MODES = ("error", "support")
 _PAIR_MODES = ("per_call", "per_trajectory", "per_row")
 
 
@@ -101,6 +107,36 @@ def support_from_predictions(
     if member_reduction == "equation":
         return (1.0 - sq_err.clamp(0.0, 1.0)).amax(0)
     return 1.0 - sq_err.amax(0).clamp(0.0, 1.0)
+
+
+def expected_sq_error(loc: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Expected eq. (9) error of each member when the ground truth is unknown: ``[K, *B, 1]``.
+
+    The unknown next state is replaced by a draw from the labeler's own predictive distribution,
+    the uniform mixture of the ``K`` Gaussians ``N(mu_k, diag(sigma_k^2))``:
+
+    .. math:: \mathbb E_{s'}\lVert s' - \mu_i\rVert_2^2 = \frac1K\sum_k \left(\lVert\mu_k - \mu_i\rVert_2^2 + \lVert\sigma_k\rVert_2^2\right),
+
+    epistemic (member disagreement) plus aleatoric (predicted variance) error.
+
+    Args:
+        loc (torch.Tensor): member means ``[K, *B, d]``.
+        scale (torch.Tensor, optional): member standard deviations ``[K, *B, d]``; ``None``
+            counts no aleatoric part.
+
+    Examples:
+        >>> from torchrl_depeff.modules.labeler import expected_sq_error
+        >>> loc = torch.tensor([[[0.0]], [[2.0]]])  # K=2, B=1, d=1
+        >>> expected_sq_error(loc).flatten().tolist()  # (0 + 4) / 2 for both members
+        [2.0, 2.0]
+        >>> expected_sq_error(loc, torch.ones_like(loc)).flatten().tolist()
+        [3.0, 3.0]
+    """
+    diff2 = (loc.unsqueeze(0) - loc.unsqueeze(1)).pow(2).sum(-1, keepdim=True)  # [K, K, *B, 1]
+    err = diff2.mean(1)
+    if scale is not None:
+        err = err + scale.pow(2).sum(-1, keepdim=True).mean(0, keepdim=True)
+    return err
 
 
 def pair_sq_disagreement(
@@ -448,4 +484,88 @@ class LabelerDisagreement(TensorDictModuleBase):
         i, j = self.sample_pair(shape)
         d2 = pair_sq_disagreement(preds, i.to(preds.device), j.to(preds.device))  # MUSBO eq. (12)
         tensordict.set(self.out_key, d2)
+        return tensordict
+
+
+class ExplorationUncertainty(TensorDictModuleBase):
+    r"""MUSBO eq. (22) noise variance at deployment, from the labeler, before the next state exists.
+
+    Eq. (22) acts with ``a = tanh(mu(s)) + const + N(0, U_hat(a, s))`` but eq. (9)'s ``U_hat``
+    needs the true next state, unknown when acting. Choice: each member's error is replaced by
+    its expectation under the labeler's own predictive mixture (:func:`expected_sq_error`),
+    then clipped to ``[0, 1]`` as in eq. (9), at the pre-noise action read from ``action_key``
+    (``tanh(mu(s))``; the small ``const`` perturbation, std 0.01 in the paper, is ignored).
+
+    ``mode`` picks what becomes the variance:
+
+    * ``"error"`` (default): ``clip(e, 0, 1)``, the clipped expected error (``1 - U_hat``), so
+      the noise is largest where the labeler is unsure. This follows the text ("taking the
+      actions which lead to maximal prediction error ... leads to novel experience discovery");
+    * ``"support"``: ``U_hat = 1 - clip(e, 0, 1)``, eq. (22) as printed (largest noise where
+      the data support is high).
+
+    Members are combined as in eq. (9) (``member_reduction="equation"``: the best member, i.e.
+    the smallest error; ``"max_error"``: the largest), taken from the labeler. Write it before
+    :class:`~torchrl_depeff.modules.UncertaintyActionNoise`, which reads ``"uncertainty"`` as a
+    variance by default. No gradient.
+
+    Args:
+        labeler (UncertaintyLabeler): the fitted labeler.
+
+    Keyword Args:
+        mode (str): ``"error"`` or ``"support"``. Defaults to ``"error"``.
+        action_key (NestedKey): action at which ``U`` is evaluated. Defaults to ``"action"``.
+        out_key (NestedKey): entry written, ``[*B, 1]``. Defaults to ``"uncertainty"``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.modules.actors import UncertaintyActionNoise
+        >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler, ExplorationUncertainty
+        >>> labeler = UncertaintyLabeler(3, 1, num_members=3, num_cells=(8,))
+        >>> td = TensorDict(observation=torch.randn(6, 3), action=torch.zeros(6, 1), batch_size=[6])
+        >>> td = ExplorationUncertainty(labeler)(td)
+        >>> u = td["uncertainty"]
+        >>> u.shape, bool(((u >= 0) & (u <= 1)).all())
+        (torch.Size([6, 1]), True)
+        >>> UncertaintyActionNoise(const_std=0.01)(td)["action"].shape
+        torch.Size([6, 1])
+    """
+
+    def __init__(
+        self,
+        labeler: UncertaintyLabeler,
+        *,
+        mode: str = "error",
+        action_key: NestedKey = "action",
+        out_key: NestedKey = "uncertainty",
+    ) -> None:
+        super().__init__()
+        if not isinstance(labeler, UncertaintyLabeler):
+            raise TypeError(f"labeler must be an UncertaintyLabeler, got {type(labeler).__name__}")
+        if mode not in _EXPLORATION_MODES:
+            raise ValueError(f"mode must be one of {_EXPLORATION_MODES}, got {mode!r}")
+        self.labeler = labeler
+        self.mode = mode
+        self.action_key = action_key
+        self.out_key = out_key
+        self.in_keys = ["observation", action_key]
+        self.out_keys = [out_key]
+
+    @torch.no_grad()
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        obs = _get(tensordict, "observation", "observation")
+        act = _get(tensordict, self.action_key, "action")
+        batch = obs.shape[:-1]
+        ens = self.labeler.ensemble
+        flat_obs, flat_act = obs.reshape(-1, obs.shape[-1]), act.reshape(-1, act.shape[-1])
+        errs = []
+        for o, a in zip(flat_obs.split(self.labeler.chunk_size), flat_act.split(self.labeler.chunk_size)):
+            pred = ens.predict(o, a)
+            errs.append(expected_sq_error(pred.loc, pred.scale))  # [K, n, 1]
+        err = torch.cat(errs, 1) if errs else flat_obs.new_zeros(self.labeler.num_members, 0, 1)
+        err = err.reshape(self.labeler.num_members, *batch, 1).clamp(0.0, 1.0)  # eq. (9) clip
+        # member choice as in eq. (9): "equation" = best member (smallest error)
+        err = err.amin(0) if self.labeler.member_reduction == "equation" else err.amax(0)
+        # MUSBO eq. (22): variance of the exploration noise
+        tensordict.set(self.out_key, err if self.mode == "error" else 1.0 - err)
         return tensordict
