@@ -1,0 +1,322 @@
+"""MB2PO (Alg. 1): batch mixing, branched rollouts, penalty, errors, end-to-end, checkpointing.
+
+The GMM actor's log-prob against a direct mixture-formula reference is tested in
+``test/modules/test_mixture.py`` and not repeated here.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from torchrl_depeff.algorithms.mb2po import MB2PO, MB2POConfig, TRAIN_KEYS
+from torchrl_depeff.modules.ensemble import DynamicsEnsemble, EnsemblePrediction
+
+OBS, ACT = 3, 2
+
+
+def _dataset(n: int = 200, seed: int = 0) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(n, OBS, generator=g)
+    # a unique marker per row: obs[:, 0] = 10 + row index, so a row's origin is recognisable
+    obs[:, 0] = 10.0 + torch.arange(n, dtype=torch.float32)
+    act = torch.rand(n, ACT, generator=g) * 2 - 1
+    nxt = obs + 0.1 * torch.cat([act, act[:, :1]], -1)
+    return TensorDict(
+        {
+            "observation": obs,
+            "action": act,
+            "next": {
+                "observation": nxt,
+                "reward": -act.pow(2).sum(-1, keepdim=True),
+                "done": torch.zeros(n, 1, dtype=torch.bool),
+                "terminated": torch.zeros(n, 1, dtype=torch.bool),
+            },
+        },
+        batch_size=[n],
+    )
+
+
+def _config(**kwargs) -> MB2POConfig:
+    base = dict(
+        batch_size=32, num_cells=(16,), model_cells=(16,), num_members=3, num_elites=2,
+        model_max_epochs=2, model_samples_per_iteration=24, omega=0.5, horizon=3,
+        retain_iterations=2, awac_steps_per_iteration=2, num_value_samples=2, pretrain_steps=2,
+        num_components=2,
+    )
+    base.update(kwargs)
+    return MB2POConfig(**base)
+
+
+class TestConfig:
+    def test_defaults_follow_the_paper(self):
+        cfg = MB2POConfig()
+        assert (cfg.awac_lambda, cfg.batch_size, cfg.tau, cfg.max_weight) == (1.0, 1024, 5e-3, 20.0)
+        assert cfg.num_cells == (256,) * 4 and cfg.num_components == 5
+        assert cfg.model_cells == (200,) * 4 and cfg.model_activation == "swish"
+        assert (cfg.omega, cfg.horizon, cfg.penalty_coef) == (0.8, 1, 1.0)
+        assert (cfg.retain_iterations, cfg.awac_steps_per_iteration, cfg.num_iterations) == (100, 1000, 500)
+        assert cfg.model_samples_per_iteration == 1_000_000
+        assert MB2POConfig(horizon=5, model_samples_per_iteration=10).rollouts_per_iteration == 2
+
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            ({"omega": -0.1}, "omega"),
+            ({"omega": 1.5}, "omega"),
+            ({"horizon": 0}, "horizon"),
+            ({"penalty_coef": -1.0}, "penalty_coef"),
+            ({"awac_lambda": 0.0}, "awac_lambda"),
+            ({"num_elites": 6}, "num_elites"),
+            ({"retain_iterations": 0}, "retain_iterations"),
+            ({"model_activation": "tanh"}, "model_activation"),
+            ({"gamma": 1.5}, "gamma"),
+        ],
+    )
+    def test_bad_values_raise_naming_them(self, kwargs, name):
+        with pytest.raises(ValueError, match=name):
+            MB2POConfig(**kwargs)
+
+
+class TestBadInput:
+    def test_missing_key(self):
+        data = _dataset().exclude(("next", "reward"))
+        with pytest.raises(KeyError, match="reward"):
+            MB2PO(data, _config())
+
+    def test_non_finite(self):
+        data = _dataset()
+        data["observation"][3, 1] = float("nan")
+        with pytest.raises(ValueError, match="observation"):
+            MB2PO(data, _config())
+
+    def test_ensemble_without_reward_head(self):
+        model = DynamicsEnsemble(OBS, ACT, num_members=2, num_cells=(8,), probabilistic=True)
+        with pytest.raises(ValueError, match="reward head"):
+            MB2PO(_dataset(), _config(), ensemble=model)
+
+    def test_deterministic_ensemble(self):
+        model = DynamicsEnsemble(OBS, ACT, num_members=2, num_cells=(8,), predict_reward=True)
+        with pytest.raises(ValueError, match="probabilistic"):
+            MB2PO(_dataset(), _config(), ensemble=model)
+
+    def test_wrong_config_type_and_order_errors(self):
+        with pytest.raises(TypeError, match="MB2POConfig"):
+            MB2PO(_dataset(), {"omega": 0.5})
+        algo = MB2PO(_dataset(), _config())
+        with pytest.raises(RuntimeError, match="fit_model"):
+            algo.collect_model_rollouts()
+        with pytest.raises(RuntimeError, match="model buffer is empty"):
+            algo.sample_mixed_batch()
+        with pytest.raises(ValueError, match="num_steps"):
+            algo.pretrain(-1)
+
+
+class TestMixedBatches:
+    @pytest.mark.parametrize("omega", [0.0, 0.05, 0.3, 0.8, 1.0])
+    def test_real_share_and_origin_tags(self, omega):
+        data = _dataset(300)
+        batch_size = 200
+        algo = MB2PO(data, _config(omega=omega, batch_size=batch_size))
+        # model rows marked by a negative first feature and is_real False
+        n_model = 500
+        fake = _dataset(n_model, seed=1)
+        fake["observation"][:, 0] = -10.0 - torch.arange(n_model, dtype=torch.float32)
+        fake.set("is_real", torch.zeros(n_model, dtype=torch.bool))
+        algo.model_buffer.extend(fake.select(*TRAIN_KEYS))
+        real_markers = set(data["observation"][:, 0].tolist())
+        fractions = []
+        for _ in range(20):
+            batch = algo.sample_mixed_batch()
+            assert batch.shape == (batch_size,)
+            is_real = batch["is_real"]
+            marker = batch["observation"][:, 0]
+            # the tag matches where the row came from
+            assert bool((marker[is_real] >= 10).all()) and bool((marker[~is_real] <= -10).all())
+            assert set(marker[is_real].tolist()) <= real_markers
+            # real rows are dataset rows, complete (next obs of the same row)
+            idx = (marker[is_real] - 10).long()
+            torch.testing.assert_close(batch["next", "observation"][is_real], data["next", "observation"][idx])
+            fractions.append(is_real.float().mean().item())
+        mean = sum(fractions) / len(fractions)
+        # exact per-batch count round(omega * B): the share is omega up to rounding
+        assert abs(mean - omega) <= 0.5 / batch_size + 1e-9
+        # both parts are sampled (not the same rows every time) when present
+        if 0 < omega < 1:
+            assert len(set(marker[~is_real].tolist())) > 1
+
+    def test_model_buffer_keeps_last_iterations(self):
+        algo = MB2PO(_dataset(), _config(retain_iterations=2))
+        algo.fit_model()
+        chunks = [algo.collect_model_rollouts() for _ in range(3)]
+        rows = algo.rows_per_iteration
+        assert all(c.shape == (rows,) for c in chunks)
+        assert len(algo.model_buffer) == 2 * rows
+        stored = algo.model_buffer[:]
+        stored_keys = {tuple(x) for x in stored["next", "observation"].tolist()}
+        assert not bool(stored["is_real"].any())
+        for c in chunks[1:]:
+            assert {tuple(x) for x in c["next", "observation"].tolist()} <= stored_keys
+        assert not ({tuple(x) for x in chunks[0]["next", "observation"].tolist()} & stored_keys)
+
+
+class TestRollouts:
+    @staticmethod
+    def _check_trajectories(rows, data, num_rollouts, h, terminate=None):
+        ro = rows.reshape(num_rollouts, h)  # rows are stored rollout-major: [R, h]
+        dataset_states = {tuple(x) for x in data["observation"].tolist()}
+        done = ro["next", "done"].squeeze(-1)
+        term = ro["next", "terminated"].squeeze(-1)
+        lengths = []
+        for r in range(num_rollouts):
+            length = 0
+            for t in range(h):
+                starts = t == 0 or bool(done[r, t - 1])
+                if starts:
+                    # every trajectory starts from a dataset state
+                    assert tuple(ro["observation"][r, t].tolist()) in dataset_states
+                    length = 0
+                else:
+                    # inside a trajectory the state continues from the previous next state
+                    torch.testing.assert_close(ro["observation"][r, t], ro["next", "observation"][r, t - 1])
+                length += 1
+                assert length <= h
+                if terminate is not None:
+                    expected = bool(terminate(ro["observation"][r, t], ro["action"][r, t], ro["next", "observation"][r, t]))
+                    assert bool(term[r, t]) == expected
+                if bool(done[r, t]):
+                    # a trajectory ends by termination or by reaching h steps
+                    assert bool(term[r, t]) or length == h
+                    lengths.append(length)
+                else:
+                    assert length < h
+        return lengths
+
+    def test_start_from_dataset_and_stop_at_h(self):
+        data = _dataset()
+        h = 4
+        algo = MB2PO(data, _config(horizon=h, model_samples_per_iteration=40))
+        algo.fit_model()
+        rows = algo.collect_model_rollouts()
+        assert rows.shape == (40,) and not bool(rows["is_real"].any())
+        lengths = self._check_trajectories(rows, data, 10, h)
+        assert lengths == [h] * 10  # no termination function: every trajectory runs h steps
+
+    def test_stop_at_termination(self):
+        data = _dataset()
+        h = 3
+
+        def terminate(obs, action, next_obs):
+            return (action[..., :1] > 0.0)
+
+        algo = MB2PO(data, _config(horizon=h, model_samples_per_iteration=60), termination_fn=terminate)
+        algo.fit_model()
+        rows = algo.collect_model_rollouts()
+        lengths = self._check_trajectories(rows, data, 20, h, terminate)
+        assert any(n < h for n in lengths) and any(n == h for n in lengths)
+        assert bool(rows["next", "terminated"].any())
+
+
+class TestPenalty:
+    def test_penalty_is_lambda_max_frobenius_over_elites(self):
+        data = _dataset()
+        lam = 0.7
+        algo = MB2PO(data, _config(penalty_coef=lam, horizon=1, model_samples_per_iteration=8, num_members=3, num_elites=2))
+        algo.fit_model()
+        ens = algo.ensemble
+        # hand-built diagonal covariances: Sigma_i = diag(sigma_i^2), ||Sigma_i||_F = ||sigma_i^2||_2
+        sigmas = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.1, 0.3], [3.0, 3.0, 3.0]])
+        ens.elite_indices.copy_(torch.tensor([0, 1]))  # member 2 (the largest) is not an elite
+
+        def fake_predict(observation, action, member_index=None, *, member_first=False):
+            b = observation.shape[:-1]
+            loc = observation.expand(3, *observation.shape)
+            scale = sigmas.view(3, *([1] * len(b)), OBS).expand(3, *b, OBS)
+            reward = torch.full((3, *b, 1), 2.0)
+            return EnsemblePrediction(loc, scale, reward)
+
+        ens.predict = fake_predict
+        rows = algo.collect_model_rollouts()
+        frob = torch.stack([torch.linalg.matrix_norm(torch.diag(s.pow(2)), "fro") for s in sigmas])
+        expected = lam * frob[:2].max()
+        assert not math.isclose(expected.item(), lam * frob.max().item())
+        torch.testing.assert_close(rows["next", "penalty"], torch.full((8, 1), expected.item()))
+        # penalised reward r~ = r - lambda * max_i ||Sigma_i||_F (reward head says 2.0)
+        torch.testing.assert_close(rows["next", "reward"], torch.full((8, 1), 2.0 - expected.item()))
+        stored = algo.model_buffer[:]
+        torch.testing.assert_close(stored["next", "reward"], rows["next", "reward"])
+
+
+def _run_tiny(tmp_path=None):
+    from torchrl_depeff.data.datasets import collect_behaviour_dataset
+    from torchrl_depeff.envs.tasks import make_env
+
+    env = make_env("halfcheetah")
+    data = collect_behaviour_dataset(None, env, 300, noise="random", seed=0)
+    cfg = MB2POConfig(
+        batch_size=64, num_cells=(32, 32), model_cells=(32, 32), num_members=3, num_elites=2,
+        model_max_epochs=3, model_samples_per_iteration=100, omega=0.5, horizon=2,
+        retain_iterations=3, awac_steps_per_iteration=5, num_value_samples=3, num_iterations=2,
+        seed=3,
+    )
+    return env, data, cfg
+
+
+class TestEndToEnd:
+    def test_tiny_run_and_checkpoint_round_trip(self, tmp_path):
+        env, data, cfg = _run_tiny()
+        algo = MB2PO(data, cfg)
+        pre = algo.pretrain(10)
+        assert algo.pretrain_steps_done == 10 and math.isfinite(pre["pretrain/loss_qvalue"])
+        actor_before = [p.detach().clone() for p in algo.actor.parameters()]
+        target_before = algo.loss_module.target_qvalue_network_params.clone()
+        history = algo.train()
+        assert len(history) == 2 and algo.iteration == 2 and algo.finetune_steps_done == 10
+        assert len(algo.model_buffer) == 2 * algo.rows_per_iteration == 200
+        for m in history:
+            assert all(math.isfinite(v) for v in m.values()), m
+            assert m["finetune/penalty"] > 0  # the penalty is applied to model rows
+        # fine-tuning moved the actor and the target critics
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(actor_before, algo.actor.parameters()))
+        assert not torch.equal(
+            target_before.flatten_keys()["module.0.weight"],
+            algo.loss_module.target_qvalue_network_params.flatten_keys()["module.0.weight"],
+        )
+        ev = algo.evaluate(env, num_episodes=1, max_steps=20)
+        assert ev["eval/episode_length"] == 20 and math.isfinite(ev["eval/return_mean"])
+
+        # checkpoint: atomic-style save, weights_only load, identical continuation
+        path = tmp_path / "ckpt.pt"
+        torch.save(algo.state_dict(), path)
+        state = torch.load(path, weights_only=True)
+        other = MB2PO(data, cfg)
+        other.load_state_dict(state)
+        assert (other.iteration, other.pretrain_steps_done, other.finetune_steps_done) == (2, 10, 10)
+        assert len(other.model_buffer) == len(algo.model_buffer)
+        torch.testing.assert_close(other.model_buffer[:]["observation"], algo.model_buffer[:]["observation"])
+        assert torch.equal(other.ensemble.elite_indices, algo.ensemble.elite_indices)
+        obs = data["observation"][:5]
+        torch.testing.assert_close(
+            other.loss_module.actor_network(TensorDict({"observation": obs}, [5]))["loc"],
+            algo.loss_module.actor_network(TensorDict({"observation": obs}, [5]))["loc"],
+        )
+        # (the actor calls above sampled actions: restore the saved RNG for both runs)
+        torch.set_rng_state(state["torch_rng"])
+        other.finetune_iteration()
+        torch.set_rng_state(state["torch_rng"])
+        algo.finetune_iteration()
+        for a, b in zip(algo.loss_module.parameters(), other.loss_module.parameters()):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(algo.model_buffer[:]["observation"], other.model_buffer[:]["observation"])
+
+    def test_load_rejects_other_config(self):
+        algo = MB2PO(_dataset(), _config())
+        state = algo.state_dict()
+        other = MB2PO(_dataset(), _config(omega=0.25))
+        with pytest.raises(ValueError, match="omega"):
+            other.load_state_dict(state)
+        with pytest.raises(KeyError, match="loss_module"):
+            other.load_state_dict({k: v for k, v in state.items() if k != "loss_module"})
