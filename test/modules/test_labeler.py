@@ -223,15 +223,16 @@ def _all_pair_d2(preds: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
     return {(i, j): pair_sq_disagreement(preds, i, j) for i, j in itertools.permutations(range(K), 2)}
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "all_members"])
 @pytest.mark.parametrize("pair", ["per_trajectory", "per_row", "per_call"])
-def test_labeler_disagreement_uses_one_sampled_pair(pair):
+def test_labeler_disagreement_uses_one_sampled_pair(pair, kernel):
     torch.manual_seed(0)
     labeler = _small_labeler(K=3)
     # distinct members with pairwise distances that identify the pair: d2 = 1, 4, 9
     _set_member_outputs(labeler, torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 3.0]]))
     N, T = 64, 5
     td = TensorDict({"observation": torch.randn(N, T, OBS), "action": torch.randn(N, T, ACT)}, [N, T])
-    out = LabelerDisagreement(labeler, pair=pair, generator=torch.Generator().manual_seed(1))(td)
+    out = LabelerDisagreement(labeler, pair=pair, generator=torch.Generator().manual_seed(1), kernel=kernel)(td)
     d2 = out["uncertainty"]
     assert d2.shape == (N, T, 1) and not d2.requires_grad
     # |0-1|^2, |1-2|^2, |0-2|^2 (up to rounding of obs + delta), snapped to the exact values
@@ -248,11 +249,13 @@ def test_labeler_disagreement_uses_one_sampled_pair(pair):
         assert values.unique().numel() == 1
 
 
-def test_labeler_disagreement_matches_member_predictions():
+@pytest.mark.parametrize("kernel", ["grouped", "all_members"])
+def test_labeler_disagreement_matches_member_predictions(kernel):
     torch.manual_seed(0)
     labeler = _small_labeler(K=4)  # random (untrained) network: a real check of the gather
+    labeler.chunk_size = 7  # several chunks
     td = TensorDict({"observation": torch.randn(20, OBS), "action": torch.randn(20, ACT)}, [20])
-    label = LabelerDisagreement(labeler, pair="per_row", generator=torch.Generator().manual_seed(3))
+    label = LabelerDisagreement(labeler, pair="per_row", generator=torch.Generator().manual_seed(3), kernel=kernel)
     d2 = label(td.clone())["uncertainty"]
     i, j = LabelerDisagreement(labeler, generator=torch.Generator().manual_seed(3)).sample_pair((20,))
     loc = labeler.ensemble.predict(td["observation"], td["action"]).loc  # [4, 20, 2]
@@ -268,6 +271,12 @@ def test_sample_pair_uniform_over_ordered_pairs():
     counts = torch.bincount(i * 3 + j, minlength=9).float() / 60000
     for a, b in itertools.permutations(range(3), 2):
         assert abs(float(counts[a * 3 + b]) - 1 / 6) < 0.01
+    with pytest.raises(ValueError, match="'fast'"):
+        LabelerDisagreement(_small_labeler(), kernel="fast")
+    with pytest.raises(ValueError, match="'per_step'"):
+        LabelerDisagreement(_small_labeler(), pair="per_step")
+    with pytest.raises(TypeError, match="UncertaintyLabeler"):
+        LabelerDisagreement(torch.nn.Linear(2, 2))
 
 
 def test_uw_trpo_reads_labels_weights_and_no_gradient_reaches_labeler():

@@ -47,6 +47,7 @@ __all__ = [
 _MEMBER_REDUCTIONS = ("equation", "max_error")
 _EXPLORATION_MODES = ("error", "support")
 _PAIR_MODES = ("per_call", "per_trajectory", "per_row")
+_DISAGREEMENT_KERNELS = ("auto", "grouped", "all_members")
 
 
 def _get(td: TensorDictBase, key: NestedKey, what: str) -> torch.Tensor:
@@ -413,7 +414,16 @@ class LabelerDisagreement(TensorDictModuleBase):
     trajectory". ``"per_trajectory"`` (default) draws a pair for every index of all batch dims but
     the last one (a rollout TensorDict is ``[*N, T]``, time last); with a single batch dim it is
     the same as ``"per_call"``, one pair for the whole call. ``"per_row"`` draws a pair for every
-    row. All ``K`` members are evaluated once, in one batched call, and the pair is gathered.
+    row.
+
+    Evaluation (``kernel``): ``"grouped"`` evaluates only the two drawn members of each row,
+    two ``predict(..., member_index=...)`` calls (``2N`` row-member evaluations instead of
+    ``K N``); ``"all_members"`` evaluates all ``K`` members in one batched call and gathers the
+    pair. ``"auto"``: ``"grouped"`` on CPU, ``"all_members"`` on CUDA. Measured on this
+    project's 2-core CPU (paper size K = 3, 2 x 1024, 20k rows, ``pair="per_row"``, machine
+    shared and loaded): grouped 1.7 s vs 2.9 s best of 9 (1.4x by median). On CUDA the grouped
+    path would use the padded kernel, which runs ``K`` x the rows of the largest group, wasteful
+    when a single pair covers the whole batch; that choice is not measured (no GPU here).
 
     Args:
         labeler (UncertaintyLabeler): the fitted labeler.
@@ -423,6 +433,7 @@ class LabelerDisagreement(TensorDictModuleBase):
             ``"per_trajectory"``.
         out_key (NestedKey): entry written. Defaults to ``"uncertainty"``.
         generator (torch.Generator, optional): RNG for the pair draws.
+        kernel (str): ``"auto"``, ``"grouped"`` or ``"all_members"``. Defaults to ``"auto"``.
 
     Examples:
         >>> from tensordict import TensorDict
@@ -442,14 +453,18 @@ class LabelerDisagreement(TensorDictModuleBase):
         pair: str = "per_trajectory",
         out_key: NestedKey = "uncertainty",
         generator: torch.Generator | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(labeler, UncertaintyLabeler):
             raise TypeError(f"labeler must be an UncertaintyLabeler, got {type(labeler).__name__}")
         if pair not in _PAIR_MODES:
             raise ValueError(f"pair must be one of {_PAIR_MODES}, got {pair!r}")
+        if kernel not in _DISAGREEMENT_KERNELS:
+            raise ValueError(f"kernel must be one of {_DISAGREEMENT_KERNELS}, got {kernel!r}")
         self.labeler = labeler
         self.pair = pair
+        self.kernel = kernel
         self.out_key = out_key
         self.generator = generator
         self.in_keys = ["observation", "action"]
@@ -470,19 +485,35 @@ class LabelerDisagreement(TensorDictModuleBase):
         j = (i + 1 + torch.randint(K - 1, tuple(shape), generator=self.generator)) % K
         return i, j
 
+    @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         obs = _get(tensordict, "observation", "observation")
         act = _get(tensordict, "action", "action")
-        preds = self.labeler.predict(obs, act)  # [K, *B, d]
-        batch = preds.shape[1:-1]
+        batch = obs.shape[:-1]
         if self.pair == "per_row":
             shape = tuple(batch)
         elif self.pair == "per_trajectory" and len(batch) >= 2:
             shape = (*batch[:-1], 1)
         else:
             shape = (1,) * len(batch)
-        i, j = self.sample_pair(shape)
-        d2 = pair_sq_disagreement(preds, i.to(preds.device), j.to(preds.device))  # MUSBO eq. (12)
+        i, j = (idx.to(obs.device).expand(batch) for idx in self.sample_pair(shape))
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "all_members" if obs.is_cuda else "grouped"
+        if kernel == "all_members":
+            d2 = pair_sq_disagreement(self.labeler.predict(obs, act), i, j)  # MUSBO eq. (12)
+        else:
+            ens, chunk = self.labeler.ensemble, self.labeler.chunk_size
+            flat = [x.reshape(-1, x.shape[-1]) for x in (obs, act)]
+            parts = []
+            for o, a, ic, jc in zip(
+                flat[0].split(chunk), flat[1].split(chunk), i.reshape(-1).split(chunk), j.reshape(-1).split(chunk)
+            ):
+                s_i = ens.predict(o, a, member_index=ic).loc
+                s_j = ens.predict(o, a, member_index=jc).loc
+                parts.append((s_i - s_j).pow(2).sum(-1, keepdim=True))  # MUSBO eq. (12)
+            d2 = torch.cat(parts) if parts else obs.new_zeros(0, 1)
+            d2 = d2.reshape(*batch, 1)
         tensordict.set(self.out_key, d2)
         return tensordict
 
