@@ -183,6 +183,22 @@ def test_trajectory_mse_with_ensemble_uses_member_means():
         trajectory_mse(42, traj)
 
 
+def test_trajectory_mse_accepts_model_env():
+    from torchrl.data import Bounded, Unbounded
+
+    from torchrl_depeff.envs.model_env import EnsembleModelEnv
+
+    torch.manual_seed(0)
+    ens = DynamicsEnsemble(2, 2, num_members=3, num_cells=(8,), probabilistic=True)
+    env = EnsembleModelEnv(
+        ens, observation_spec=Unbounded(2), action_spec=Bounded(-1.0, 1.0, (2,)),
+        reward_fn=lambda o, a, n: -n.pow(2).sum(-1, keepdim=True),
+        start_states=TensorDict({"observation": torch.randn(10, 2)}, [10]), batch_size=4,
+    )
+    traj = _linear_trajectories()
+    torch.testing.assert_close(trajectory_mse(env, traj), trajectory_mse(ens, traj))
+
+
 # ---------------------------------------------------------------- plots
 def test_read_scalar_csv_and_plot(tmp_path):
     for algo, values in (("bremen", [0.97, 0.91, 0.89]), ("musbo", [0.99, 0.96, 0.94])):

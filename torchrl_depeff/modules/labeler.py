@@ -272,6 +272,9 @@ class UncertaintyLabeler(TensorDictModuleBase):
     ``B(1..i-1)`` and labels the newest batch ``B(i)`` (its errors then measure novelty), while
     issue 6 / App. F fit it on all deployment data.
 
+    Checkpointing: :meth:`state_dict` holds the ensemble (parameters, normalisers); the Adam state
+    and counters of the fit, kept across calls (warm start), are in ``labeler.trainer.state_dict()``.
+
     Args:
         observation_dim (int): state size ``d``.
         action_dim (int): action size.
