@@ -9,7 +9,13 @@ import torch
 from tensordict import TensorDict
 from torchrl.record.loggers import CSVLogger
 
-from torchrl_depeff.metrics import energy_distance, METRIC_NAMES, novelty_score, trajectory_mse
+from torchrl_depeff.metrics import (
+    deployment_metrics,
+    energy_distance,
+    METRIC_NAMES,
+    novelty_score,
+    trajectory_mse,
+)
 from torchrl_depeff.metrics_plots import plot_metrics, read_scalar_csv
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 
@@ -197,6 +203,35 @@ def test_trajectory_mse_accepts_model_env():
     )
     traj = _linear_trajectories()
     torch.testing.assert_close(trajectory_mse(env, traj), trajectory_mse(ens, traj))
+
+
+def test_deployment_metrics_compute_and_log(tmp_path):
+    traj = _linear_trajectories(N=6, T=5)
+    traj["next", "done"] = torch.zeros(6, 5, 1, dtype=torch.bool)
+    traj["next", "done"][0, 2] = True  # steps 3, 4 of trajectory 0 are excluded
+    model = lambda s, a: s + a  # noqa: E731
+    prev = torch.randn(50, 2)
+    logger = CSVLogger("musbo", log_dir=str(tmp_path))
+    out = deployment_metrics(new_batch=traj, previous_data=prev, model=model, real_trajectories=traj,
+                             logger=logger, step=3)
+    assert set(out) == {"novelty", "energy_distance", "trajectory_mse"}
+    assert out["novelty"] == pytest.approx(float(novelty_score(traj["observation"], prev)))
+    # energy distance between the open-loop model states and the real next states, valid steps only
+    s_hat, preds = traj["observation"][:, 0], []
+    for t in range(5):
+        s_hat = s_hat + traj["action"][:, t]
+        preds.append(s_hat)
+    preds = torch.stack(preds, 1)
+    valid = torch.ones(6, 5, dtype=torch.bool)
+    valid[0, 3:] = False
+    expected = float(energy_distance(preds[valid], traj["next", "observation"][valid]))
+    assert out["energy_distance"] == pytest.approx(expected, rel=1e-9)
+    assert out["trajectory_mse"] == pytest.approx(float(trajectory_mse(model, traj).mean()), rel=1e-6)
+    for key, name in METRIC_NAMES.items():
+        steps, values = read_scalar_csv(tmp_path / "musbo", name)
+        assert steps == [3.0] and values[0] == pytest.approx(out[key])
+    # only what the inputs allow
+    assert set(deployment_metrics(new_batch=prev, previous_data=prev)) == {"novelty"}
 
 
 # ---------------------------------------------------------------- plots

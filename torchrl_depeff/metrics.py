@@ -19,7 +19,7 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch.nn import functional as F
 
-__all__ = ["METRIC_NAMES", "novelty_score", "energy_distance", "trajectory_mse"]
+__all__ = ["METRIC_NAMES", "novelty_score", "energy_distance", "trajectory_mse", "deployment_metrics"]
 
 METRIC_NAMES: dict[str, str] = {
     "novelty": "metrics/novelty",
@@ -244,6 +244,17 @@ def trajectory_mse(
         >>> trajectory_mse(lambda s, a: s + 2 * a, traj)  # error grows by 1 per step and dim
         tensor([1., 4., 9.])
     """
+    pred, real, valid = _open_loop(model, real_trajectories, member)
+    err = (pred - real).pow(2).mean(-1).to(torch.float32)  # [N, T]
+    count = valid.sum(0)
+    total = torch.where(valid, err, torch.zeros_like(err)).sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+def _open_loop(
+    model: object, real_trajectories: TensorDictBase, member: str | int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predicted and real next states ``[N, T, d]`` and the validity mask ``[N, T]``."""
     if not isinstance(real_trajectories, TensorDictBase):
         raise TypeError(f"real_trajectories must be a TensorDict, got {type(real_trajectories).__name__}")
     td = real_trajectories
@@ -255,7 +266,7 @@ def trajectory_mse(
     keys = ("observation", "action", ("next", "observation"))
     for k in keys:
         if k not in td.keys(include_nested=True):
-            raise KeyError(f"trajectory_mse: key {k!r} not found in real_trajectories")
+            raise KeyError(f"trajectory metrics: key {k!r} not found in real_trajectories")
     obs, actions, next_obs = (td.get(k) for k in keys)
     done = td.get(("next", "done"), None)
     N, T = td.batch_size
@@ -267,11 +278,70 @@ def trajectory_mse(
         ended_before = torch.cat([done.new_zeros(N, 1), done[:, :-1]], 1).cumsum(1) > 0
         valid = ~ended_before
     state = obs[:, 0]
-    errors = []
-    for t in range(T):
-        state = step(state, actions[:, t])
-        errors.append((state - next_obs[:, t]).pow(2).mean(-1))  # [N]
-    err = torch.stack(errors, 1).to(torch.float32)  # [N, T]
-    count = valid.sum(0)
-    total = torch.where(valid, err, torch.zeros_like(err)).sum(0)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+    preds = []
+    with torch.no_grad():
+        for t in range(T):
+            state = step(state, actions[:, t])  # open loop: the model's own state is fed back
+            preds.append(state)
+    return torch.stack(preds, 1), next_obs, valid
+
+
+def deployment_metrics(
+    *,
+    new_batch: _Data | None = None,
+    previous_data: _Data | None = None,
+    model: object | None = None,
+    real_trajectories: TensorDictBase | None = None,
+    member: str | int = "mean",
+    logger: object | None = None,
+    step: int | None = None,
+) -> dict[str, float]:
+    """Compute (and optionally log) the metrics of one deployment; each is skipped if its inputs are missing.
+
+    * ``"novelty"``: :func:`novelty_score` of ``new_batch`` against ``previous_data``;
+    * ``"energy_distance"``: :func:`energy_distance` between the states of open-loop model
+      rollouts (start state and actions of ``real_trajectories``, as in :func:`trajectory_mse`)
+      and the real next states, steps after an episode end excluded. Choice: the paper's
+      "fictitious rollouts" of Fig. 6 are generated this way so that both sets share start states
+      and actions and only the model differs;
+    * ``"trajectory_mse"``: mean over steps of :func:`trajectory_mse`.
+
+    Values are logged under :data:`METRIC_NAMES` with ``logger.log_scalar(name, value, step=step)``.
+
+    Keyword Args:
+        new_batch, previous_data: states of this deployment and of the earlier ones.
+        model: dynamics model (see :func:`trajectory_mse`).
+        real_trajectories (TensorDictBase): ``[N, T]`` real rollouts.
+        member (str or int): model member used for the rollouts. Defaults to ``"mean"``.
+        logger (torchrl Logger, optional): receives the scalars.
+        step (int, optional): logging step, e.g. the deployment index.
+
+    Returns:
+        dict of the computed metric values (floats).
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.metrics import deployment_metrics
+        >>> obs = torch.randn(3, 1, 2).expand(3, 5, 2)  # a system that stays where it is
+        >>> traj = TensorDict({"observation": obs, "action": torch.zeros(3, 5, 2),
+        ...                    ("next", "observation"): obs}, [3, 5])
+        >>> out = deployment_metrics(new_batch=obs, previous_data=obs, model=lambda s, a: s,
+        ...                          real_trajectories=traj)  # a perfect model
+        >>> {k: round(v, 4) for k, v in out.items()}
+        {'novelty': 1.0, 'energy_distance': 0.0, 'trajectory_mse': 0.0}
+        >>> out = deployment_metrics(model=lambda s, a: s + 1, real_trajectories=traj)
+        >>> round(out["trajectory_mse"], 4)  # errors 1, 4, 9, 16, 25 per dim
+        11.0
+    """
+    out: dict[str, float] = {}
+    if new_batch is not None and previous_data is not None:
+        out["novelty"] = float(novelty_score(new_batch, previous_data))
+    if model is not None and real_trajectories is not None:
+        pred, real, valid = _open_loop(model, real_trajectories, member)
+        if bool(valid.any()):
+            out["energy_distance"] = float(energy_distance(pred[valid], real[valid]))
+        out["trajectory_mse"] = float(trajectory_mse(model, real_trajectories, member=member).nanmean())
+    if logger is not None:
+        for name, value in out.items():
+            logger.log_scalar(METRIC_NAMES[name], value, step=step)
+    return out
