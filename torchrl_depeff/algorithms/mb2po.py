@@ -50,6 +50,7 @@ TRAIN_KEYS: tuple = (
     "is_real",
 )
 
+_BUDGET_FIELDS = ("pretrain_steps", "num_iterations")
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"swish": nn.SiLU, "silu": nn.SiLU, "relu": nn.ReLU}
 
 
@@ -690,7 +691,10 @@ class MB2PO:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (the config must match).
+        """Restore what :meth:`state_dict` saved.
+
+        The config must match, except the budgets ``pretrain_steps`` and ``num_iterations``
+        (so a finished run can be resumed with a larger budget).
 
         Raises:
             KeyError: an entry is missing. ValueError: the config differs.
@@ -705,6 +709,8 @@ class MB2PO:
         saved = dict(state_dict["config"])
         current = asdict(self.config)
         for f in fields(MB2POConfig):
+            if f.name in _BUDGET_FIELDS:
+                continue
             a, b = saved.get(f.name), current[f.name]
             if isinstance(b, tuple):
                 a = tuple(a) if a is not None else None
