@@ -161,7 +161,9 @@ def test_weighted_bc_loss_and_gradients_flow_only_into_the_policy():
     data = TensorDict(
         {"observation": obs, "action": torch.randn(n, ACT), ("next", "observation"): obs.detach() + shift}, [n]
     )
+    data["next", "observation"].requires_grad_(True)  # even a differentiable target gives a constant label
     labeler(data)
+    assert not data["uncertainty"].requires_grad
     bc_weights(data)
     w = data["bc_weight"]
     assert not w.requires_grad

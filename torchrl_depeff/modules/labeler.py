@@ -391,8 +391,9 @@ class UncertaintyLabeler(TensorDictModuleBase):
         loc = torch.cat(outs, dim=1) if outs else obs.new_empty(self.num_members, 0, obs.shape[-1])
         return loc.reshape(self.num_members, *batch, observation.shape[-1])
 
+    @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Write ``U_hat`` of eq. (9), ``[*B, 1]``, under ``uncertainty_key``."""
+        """Write ``U_hat`` of eq. (9), ``[*B, 1]``, under ``uncertainty_key`` (no gradient)."""
         obs = _get(tensordict, "observation", "observation")
         act = _get(tensordict, "action", "action")
         next_obs = _get(tensordict, ("next", "observation"), "next observation (eq. 9 needs the ground truth)")
