@@ -344,3 +344,35 @@ def test_exploration_noise_has_labeler_variance():
         ExplorationUncertainty(torch.nn.Linear(2, 2))
     with pytest.raises(KeyError, match="'action'"):
         ExplorationUncertainty(labeler)(TensorDict(observation=obs[:3], batch_size=[3]))
+
+
+def test_pipeline_on_model_env_rollout(one_thread):
+    """Labeler fit -> eq. (9)/(11) on real data -> eq. (12) labels on an imaginary rollout -> UW-TRPO."""
+    from torchrl.data import Bounded, Unbounded
+
+    from torchrl_depeff.envs.model_env import EnsembleModelEnv
+    from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+
+    torch.manual_seed(0)
+    obs = torch.randn(300, OBS)
+    act = torch.rand(300, ACT) * 2 - 1
+    real = TensorDict({"observation": obs, "action": act, ("next", "observation"): obs + 0.1 * act}, [300])
+    labeler = _small_labeler(max_epochs=5)
+    labeler.fit(real)
+    bc_weights(labeler(real))
+    assert real["bc_weight"].shape == (300, 1)
+    actor = make_gaussian_actor(OBS, ACT, num_cells=(8,))
+    env = EnsembleModelEnv(
+        DynamicsEnsemble(OBS, ACT, num_members=2, num_cells=(8,)),
+        observation_spec=Unbounded(OBS), action_spec=Bounded(-1.0, 1.0, (ACT,)),
+        reward_fn=lambda o, a, n: -n.pow(2).sum(-1, keepdim=True),
+        start_states=real.select("observation"), batch_size=4,
+    )
+    with torch.no_grad():
+        rollout = env.rollout(6, actor)
+    LabelerDisagreement(labeler, generator=torch.Generator().manual_seed(0))(rollout)
+    d2 = rollout["uncertainty"]
+    assert d2.shape == (4, 6, 1) and bool((d2 >= 0).all())
+    rollout["advantage"] = torch.randn(4, 6, 1)
+    out = UncertaintyWeightedTRPOLoss(actor)(rollout)
+    torch.testing.assert_close(out["uncertainty_weight"], torch.exp(-0.028 * d2).mean())
