@@ -19,7 +19,13 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch.nn import functional as F
 
-__all__ = ["METRIC_NAMES", "novelty_score", "energy_distance", "trajectory_mse", "deployment_metrics"]
+__all__ = [
+    "METRIC_NAMES",
+    "novelty_score",
+    "energy_distance",
+    "trajectory_mse",
+    "deployment_metrics",
+]
 
 METRIC_NAMES: dict[str, str] = {
     "novelty": "metrics/novelty",
@@ -178,12 +184,16 @@ def energy_distance(
     return d2 if squared else d2.sqrt()
 
 
-def _model_step_fn(model: object, member: str | int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _model_step_fn(
+    model: object, member: str | int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     ensemble = getattr(model, "world_model", model)  # EnsembleModelEnv holds the ensemble
     if hasattr(ensemble, "predict") and hasattr(ensemble, "num_members"):
         num_members = int(ensemble.num_members)
         if member != "mean" and not (isinstance(member, int) and 0 <= member < num_members):
-            raise ValueError(f"member must be 'mean' or an int in [0, {num_members}), got {member!r}")
+            raise ValueError(
+                f"member must be 'mean' or an int in [0, {num_members}), got {member!r}"
+            )
 
         def step(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
             loc = ensemble.predict(obs, act).loc  # [E, *B, d]
@@ -237,8 +247,8 @@ def trajectory_mse(
         >>> from torchrl_depeff.metrics import trajectory_mse
         >>> obs0, actions = torch.zeros(4, 1, 2), torch.ones(4, 3, 2)
         >>> real_obs = obs0 + actions.cumsum(1)  # s_{t+1} = s_t + a_t
-        >>> traj = TensorDict({"observation": torch.cat([obs0, real_obs[:, :-1]], 1), "action": actions,
-        ...                    ("next", "observation"): real_obs}, [4, 3])
+        >>> traj = TensorDict({"observation": torch.cat([obs0, real_obs[:, :-1]], 1),
+        ...                    "action": actions, ("next", "observation"): real_obs}, [4, 3])
         >>> trajectory_mse(lambda s, a: s + a, traj)  # a perfect model
         tensor([0., 0., 0.])
         >>> trajectory_mse(lambda s, a: s + 2 * a, traj)  # error grows by 1 per step and dim
@@ -256,12 +266,17 @@ def _open_loop(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predicted and real next states ``[N, T, d]`` and the validity mask ``[N, T]``."""
     if not isinstance(real_trajectories, TensorDictBase):
-        raise TypeError(f"real_trajectories must be a TensorDict, got {type(real_trajectories).__name__}")
+        raise TypeError(
+            f"real_trajectories must be a TensorDict, got {type(real_trajectories).__name__}"
+        )
     td = real_trajectories
     if td.batch_dims == 1:
         td = td.unsqueeze(0)
     if td.batch_dims != 2:
-        raise ValueError(f"real_trajectories must have batch [N, T] or [T], got {tuple(real_trajectories.batch_size)}")
+        raise ValueError(
+            "real_trajectories must have batch [N, T] or [T], got "
+            f"{tuple(real_trajectories.batch_size)}"
+        )
     step = _model_step_fn(model, member)
     keys = ("observation", "action", ("next", "observation"))
     for k in keys:
@@ -296,7 +311,7 @@ def deployment_metrics(
     logger: object | None = None,
     step: int | None = None,
 ) -> dict[str, float]:
-    """Compute (and optionally log) the metrics of one deployment; each is skipped if its inputs are missing.
+    """Compute (and optionally log) one deployment's metrics; each is skipped without its inputs.
 
     * ``"novelty"``: :func:`novelty_score` of ``new_batch`` against ``previous_data``;
     * ``"energy_distance"``: :func:`energy_distance` between the states of open-loop model
@@ -340,7 +355,8 @@ def deployment_metrics(
         pred, real, valid = _open_loop(model, real_trajectories, member)
         if bool(valid.any()):
             out["energy_distance"] = float(energy_distance(pred[valid], real[valid]))
-        out["trajectory_mse"] = float(trajectory_mse(model, real_trajectories, member=member).nanmean())
+        mse = trajectory_mse(model, real_trajectories, member=member)
+        out["trajectory_mse"] = float(mse.nanmean())
     if logger is not None:
         for name, value in out.items():
             logger.log_scalar(METRIC_NAMES[name], value, step=step)

@@ -95,8 +95,8 @@ def plot_metrics(
         ...     logger = CSVLogger(algo, log_dir=tmp)
         ...     for k in range(2, 5):
         ...         logger.log_scalar("metrics/novelty", base + 0.01 * k, step=k)
-        >>> path = plot_metrics({"BREMEN": f"{tmp}/bremen", "MUSBO": f"{tmp}/musbo"}, f"{tmp}/m.png",
-        ...                     ["metrics/novelty"])
+        >>> runs = {"BREMEN": f"{tmp}/bremen", "MUSBO": f"{tmp}/musbo"}
+        >>> path = plot_metrics(runs, f"{tmp}/m.png", ["metrics/novelty"])
         >>> path.is_file()
         True
     """

@@ -53,7 +53,9 @@ _DISAGREEMENT_KERNELS = ("auto", "grouped", "all_members")
 def _get(td: TensorDictBase, key: NestedKey, what: str) -> torch.Tensor:
     value = td.get(key, default=None)
     if value is None:
-        raise KeyError(f"{what} key {key!r} not found in the tensordict (keys: {list(td.keys(True, True))})")
+        raise KeyError(
+            f"{what} key {key!r} not found in the tensordict (keys: {list(td.keys(True, True))})"
+        )
     return value
 
 
@@ -97,13 +99,16 @@ def support_from_predictions(
         tensor([[0.]])
     """
     if member_reduction not in _MEMBER_REDUCTIONS:
-        raise ValueError(f"member_reduction must be one of {_MEMBER_REDUCTIONS}, got {member_reduction!r}")
+        raise ValueError(
+            f"member_reduction must be one of {_MEMBER_REDUCTIONS}, got {member_reduction!r}"
+        )
     if predictions.dim() < 2 or predictions.shape[1:] != next_observation.shape:
         raise ValueError(
             f"predictions must be [K, *B, d] with [*B, d] = next_observation shape "
             f"{tuple(next_observation.shape)}, got {tuple(predictions.shape)}"
         )
-    sq_err = (next_observation.unsqueeze(0) - predictions).pow(2).sum(-1, keepdim=True)  # [K, *B, 1]
+    # [K, *B, 1]
+    sq_err = (next_observation.unsqueeze(0) - predictions).pow(2).sum(-1, keepdim=True)
     # MUSBO eq. (9)
     if member_reduction == "equation":
         return (1.0 - sq_err.clamp(0.0, 1.0)).amax(0)
@@ -273,7 +278,8 @@ class UncertaintyLabeler(TensorDictModuleBase):
     issue 6 / App. F fit it on all deployment data.
 
     Checkpointing: :meth:`state_dict` holds the ensemble (parameters, normalisers); the Adam state
-    and counters of the fit, kept across calls (warm start), are in ``labeler.trainer.state_dict()``.
+    and counters of the fit, kept across calls (warm start), are in
+    ``labeler.trainer.state_dict()``.
 
     Args:
         observation_dim (int): state size ``d``.
@@ -329,10 +335,13 @@ class UncertaintyLabeler(TensorDictModuleBase):
         super().__init__()
         if not isinstance(num_members, int) or num_members < 2:
             raise ValueError(
-                f"the uncertainty labeler needs num_members K >= 2 (MUSBO eq. 12 samples a pair), got {num_members!r}"
+                "the uncertainty labeler needs num_members K >= 2 (MUSBO eq. 12 samples a pair), "
+                f"got {num_members!r}"
             )
         if member_reduction not in _MEMBER_REDUCTIONS:
-            raise ValueError(f"member_reduction must be one of {_MEMBER_REDUCTIONS}, got {member_reduction!r}")
+            raise ValueError(
+                f"member_reduction must be one of {_MEMBER_REDUCTIONS}, got {member_reduction!r}"
+            )
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.member_reduction = member_reduction
@@ -382,7 +391,8 @@ class UncertaintyLabeler(TensorDictModuleBase):
         act = action.reshape(-1, action.shape[-1])
         if obs.shape[0] != act.shape[0]:
             raise ValueError(
-                f"observation batch {tuple(batch)} does not match action batch {tuple(action.shape[:-1])}"
+                f"observation batch {tuple(batch)} does not match action batch "
+                f"{tuple(action.shape[:-1])}"
             )
         outs = [
             self.ensemble.predict(o, a).loc
@@ -396,7 +406,9 @@ class UncertaintyLabeler(TensorDictModuleBase):
         """Write ``U_hat`` of eq. (9), ``[*B, 1]``, under ``uncertainty_key`` (no gradient)."""
         obs = _get(tensordict, "observation", "observation")
         act = _get(tensordict, "action", "action")
-        next_obs = _get(tensordict, ("next", "observation"), "next observation (eq. 9 needs the ground truth)")
+        next_obs = _get(
+            tensordict, ("next", "observation"), "next observation (eq. 9 needs the ground truth)"
+        )
         preds = self.predict(obs, act)
         u = support_from_predictions(preds, next_obs, member_reduction=self.member_reduction)
         tensordict.set(self.uncertainty_key, u)
@@ -444,7 +456,8 @@ class LabelerDisagreement(TensorDictModuleBase):
         >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler, LabelerDisagreement
         >>> labeler = UncertaintyLabeler(3, 1, num_members=3, num_cells=(8,))
         >>> label = LabelerDisagreement(labeler, generator=torch.Generator().manual_seed(0))
-        >>> rollout = TensorDict({"observation": torch.randn(4, 5, 3), "action": torch.randn(4, 5, 1)}, [4, 5])
+        >>> rollout = TensorDict({"observation": torch.randn(4, 5, 3),
+        ...                       "action": torch.randn(4, 5, 1)}, [4, 5])
         >>> d2 = label(rollout)["uncertainty"]
         >>> d2.shape, bool((d2 >= 0).all())
         (torch.Size([4, 5, 1]), True)
@@ -511,7 +524,10 @@ class LabelerDisagreement(TensorDictModuleBase):
             flat = [x.reshape(-1, x.shape[-1]) for x in (obs, act)]
             parts = []
             for o, a, ic, jc in zip(
-                flat[0].split(chunk), flat[1].split(chunk), i.reshape(-1).split(chunk), j.reshape(-1).split(chunk)
+                flat[0].split(chunk),
+                flat[1].split(chunk),
+                i.reshape(-1).split(chunk),
+                j.reshape(-1).split(chunk),
             ):
                 s_i = ens.predict(o, a, member_index=ic).loc
                 s_j = ens.predict(o, a, member_index=jc).loc
@@ -594,7 +610,8 @@ class ExplorationUncertainty(TensorDictModuleBase):
         ens = self.labeler.ensemble
         flat_obs, flat_act = obs.reshape(-1, obs.shape[-1]), act.reshape(-1, act.shape[-1])
         errs = []
-        for o, a in zip(flat_obs.split(self.labeler.chunk_size), flat_act.split(self.labeler.chunk_size)):
+        chunk = self.labeler.chunk_size
+        for o, a in zip(flat_obs.split(chunk), flat_act.split(chunk)):
             pred = ens.predict(o, a)
             errs.append(expected_sq_error(pred.loc, pred.scale))  # [K, n, 1]
         err = torch.cat(errs, 1) if errs else flat_obs.new_zeros(self.labeler.num_members, 0, 1)
