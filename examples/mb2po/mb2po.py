@@ -35,7 +35,7 @@ log = logging.getLogger("mb2po")
 
 def run(cfg: DictConfig) -> dict:
     """Run (or resume) one MB2PO experiment; returns the summary."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
