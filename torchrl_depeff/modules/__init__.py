@@ -14,6 +14,16 @@ from torchrl_depeff.modules.ensemble import (
     EnsembleMLP,
     EnsemblePrediction,
 )
+from torchrl_depeff.modules.labeler import (
+    bc_weights,
+    disagreement_weight,
+    expected_sq_error,
+    ExplorationUncertainty,
+    LabelerDisagreement,
+    pair_sq_disagreement,
+    support_from_predictions,
+    UncertaintyLabeler,
+)
 from torchrl_depeff.modules.mixture import GMMPolicyNet, make_gmm_actor, TanhGaussianMixture
 from torchrl_depeff.modules.normalizers import Normalizer
 
@@ -22,14 +32,22 @@ __all__ = [
     "EnsembleLinear",
     "EnsembleMLP",
     "EnsemblePrediction",
+    "ExplorationUncertainty",
     "GMMPolicyNet",
     "GaussianActionNoise",
     "GaussianPolicyNet",
+    "LabelerDisagreement",
     "LinearFeatureBaseline",
     "Normalizer",
     "TanhGaussianMixture",
     "UncertaintyActionNoise",
+    "UncertaintyLabeler",
+    "bc_weights",
+    "disagreement_weight",
     "discounted_returns",
+    "expected_sq_error",
     "make_gaussian_actor",
     "make_gmm_actor",
+    "pair_sq_disagreement",
+    "support_from_predictions",
 ]
