@@ -1,0 +1,109 @@
+"""Slow comparison: AWAC alone vs AWAC + MB2PO fine-tuning (MB2PO Table 1 protocol, reduced).
+
+Both runs use the same seed (same network initialisation and the same pre-training batches) on
+one locally generated "mixed" dataset (``collect_behaviour_dataset`` with the eps3 variant around
+the stand-in behaviour policy of ``examples/mb2po/utils.py``) and the paper's mixed-dataset
+hyper-parameters (App. 7.3: alpha 1, omega 0.01, lambda 1; h = 5 for halfcheetah, 1 otherwise):
+
+* ``awac``: AWAC for ``pretrain_steps + iterations * awac_steps_per_iteration`` steps (the same
+  number of gradient steps as the MB2PO run), then evaluated;
+* ``awac_pretrained``: the MB2PO run's starting point (AWAC after ``pretrain_steps``);
+* ``mb2po``: AWAC for ``pretrain_steps``, dynamics fit, then ``iterations`` MB2PO iterations.
+
+Prints one JSON line per figure (D4RL normalised scores and returns). Paper scale is far beyond
+a CPU; the defaults take tens of minutes on 2 cores, ``--reduced`` a few minutes. Local scores
+are not comparable with the paper's D4RL numbers (different behaviour policy).
+
+Run: ``python benchmarks/compare_awac_mb2po.py --reduced``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for examples.mb2po.utils
+
+from examples.mb2po.utils import behaviour_policy, LOCAL_NOISE, make_real_env  # noqa: E402
+from torchrl_depeff.algorithms.mb2po import MB2PO, MB2POConfig  # noqa: E402
+from torchrl_depeff.data.datasets import collect_behaviour_dataset  # noqa: E402
+from torchrl_depeff.data.scores import d4rl_normalized_score  # noqa: E402
+from torchrl_depeff.envs.tasks import get_task  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="halfcheetah", choices=["halfcheetah", "hopper", "walker2d"])
+    parser.add_argument("--num-transitions", type=int, default=50_000)
+    parser.add_argument("--pretrain-steps", type=int, default=5_000)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--awac-steps-per-iteration", type=int, default=250)
+    parser.add_argument("--model-samples", type=int, default=50_000, help="imagined transitions per iteration")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-cells", type=int, nargs="+", default=[256, 256])
+    parser.add_argument("--model-cells", type=int, nargs="+", default=[200, 200, 200, 200])
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--eval-max-steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reduced", action="store_true", help="tiny sizes, a few minutes")
+    args = parser.parse_args(argv)
+    if args.reduced:
+        args.num_transitions, args.pretrain_steps, args.iterations = 3000, 200, 3
+        args.awac_steps_per_iteration, args.model_samples, args.batch_size = 50, 2000, 128
+        args.num_cells, args.model_cells, args.eval_episodes, args.eval_max_steps = [64, 64], [64, 64], 1, 200
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    env = make_real_env(args.task, args.seed)
+    data = collect_behaviour_dataset(
+        behaviour_policy(args.task, args.seed), env, args.num_transitions,
+        noise=LOCAL_NOISE["mixed"], seed=args.seed,
+    )
+    h = 5 if args.task == "halfcheetah" else 1
+    cfg = MB2POConfig(
+        awac_lambda=1.0, omega=0.01, horizon=h, penalty_coef=1.0,  # MB2PO App. 7.3, "-mixed"
+        batch_size=args.batch_size, num_cells=tuple(args.num_cells), model_cells=tuple(args.model_cells),
+        pretrain_steps=args.pretrain_steps, num_iterations=args.iterations,
+        awac_steps_per_iteration=args.awac_steps_per_iteration,
+        model_samples_per_iteration=args.model_samples, rollout_batch_size=min(args.model_samples, 50_000),
+        retain_iterations=100, model_max_epochs=30 if not args.reduced else 5, seed=args.seed,
+    )
+    termination_fn = get_task(args.task).termination_fn
+    eval_env = make_real_env(args.task, args.seed + 100)
+    results = {}
+
+    def report(name: str, algo: MB2PO) -> None:
+        m = algo.evaluate(eval_env, args.eval_episodes, max_steps=args.eval_max_steps)
+        score = float(d4rl_normalized_score(args.task, m["eval/return_mean"]))
+        results[name] = score
+        print(json.dumps({
+            "figure": f"{args.task}-mixed/{name}", "normalized_score": score,
+            "return_mean": m["eval/return_mean"], "return_std": m["eval/return_std"],
+            "grad_steps": algo.pretrain_steps_done + algo.finetune_steps_done, "seed": args.seed,
+        }), flush=True)
+
+    total = args.pretrain_steps + args.iterations * args.awac_steps_per_iteration
+    awac = MB2PO(data, cfg, termination_fn=termination_fn)
+    awac.pretrain(total, progress=True)
+    report("awac", awac)
+
+    mb2po = MB2PO(data, cfg, termination_fn=termination_fn)  # same seed: same init and batches
+    mb2po.pretrain(args.pretrain_steps, progress=True)
+    report("awac_pretrained", mb2po)
+    mb2po.fit_model()
+    mb2po.train(progress=True)
+    report("mb2po", mb2po)
+    print(json.dumps({
+        "figure": f"{args.task}-mixed/mb2po_minus_awac", "delta": results["mb2po"] - results["awac"],
+        "wall_s": time.perf_counter() - t0,
+    }))
+    return results
+
+
+if __name__ == "__main__":
+    main()
