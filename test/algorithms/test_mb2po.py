@@ -220,6 +220,18 @@ class TestRollouts:
         assert bool(rows["next", "terminated"].any())
 
 
+class TestRolloutChunks:
+    def test_rollouts_collected_in_memory_chunks(self):
+        data = _dataset()
+        # 8 rollouts per iteration, at most 3 per model-env call: 3 calls of 3 rollouts x 3 steps
+        algo = MB2PO(data, _config(horizon=3, model_samples_per_iteration=24, rollout_batch_size=3))
+        assert (algo.rollouts_per_call, algo.calls_per_iteration, algo.rows_per_iteration) == (3, 3, 27)
+        algo.fit_model()
+        rows = algo.collect_model_rollouts()
+        assert rows.shape == (27,) and len(algo.model_buffer) == 27
+        TestRollouts._check_trajectories(rows, data, 9, 3)
+
+
 class TestPenalty:
     def test_penalty_is_lambda_max_frobenius_over_elites(self):
         data = _dataset()
@@ -320,3 +332,27 @@ class TestEndToEnd:
             other.load_state_dict(state)
         with pytest.raises(KeyError, match="loss_module"):
             other.load_state_dict({k: v for k, v in state.items() if k != "loss_module"})
+
+
+class TestD4RLScores:
+    def test_reference_values_and_formula(self):
+        from torchrl_depeff.data.scores import d4rl_normalized_score, REF_MAX_SCORE, REF_MIN_SCORE
+
+        # d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE (identical for every dataset of a robot)
+        assert REF_MIN_SCORE == {"halfcheetah": -280.178953, "hopper": -20.272305, "walker2d": 1.629008}
+        assert REF_MAX_SCORE == {"halfcheetah": 12135.0, "hopper": 3234.3, "walker2d": 4592.3}
+        r = 3000.0
+        expected = 100 * (r - 1.629008) / (4592.3 - 1.629008)
+        assert d4rl_normalized_score("walker2d-medium-v2", r) == pytest.approx(expected)
+        assert d4rl_normalized_score("Hopper", -20.272305) == pytest.approx(0.0)
+        out = d4rl_normalized_score("halfcheetah-mixed", torch.tensor([-280.178953, 12135.0, 5927.4105]))
+        torch.testing.assert_close(out, torch.tensor([0.0, 100.0, 50.0]))
+        assert d4rl_normalized_score("hopper", torch.tensor([3234])).dtype == torch.float32
+
+    def test_unknown_task(self):
+        from torchrl_depeff.data.scores import d4rl_normalized_score
+
+        with pytest.raises(ValueError, match="ant"):
+            d4rl_normalized_score("ant-medium-v2", 1.0)
+        with pytest.raises(TypeError, match="str"):
+            d4rl_normalized_score(3, 1.0)
