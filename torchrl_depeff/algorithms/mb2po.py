@@ -97,6 +97,15 @@ class MB2POConfig:
         retain_iterations (int): iterations kept in the model buffer (100).
         awac_steps_per_iteration (int): AWAC steps per iteration (1000).
         seed (int): seed of the networks, the buffers' sampling and the model env.
+
+    Args:
+        **kwargs: any attribute above (a dataclass); validated by :meth:`validate`.
+
+    Examples:
+        >>> from torchrl_depeff.algorithms.mb2po import MB2POConfig
+        >>> cfg = MB2POConfig(omega=0.01, horizon=5)  # MB2PO App. 7.3, halfcheetah-mixed
+        >>> cfg.rollouts_per_iteration, cfg.num_real_per_batch
+        (200000, 10)
     """
 
     awac_lambda: float = 1.0
