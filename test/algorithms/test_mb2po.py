@@ -356,3 +356,40 @@ class TestD4RLScores:
             d4rl_normalized_score("ant-medium-v2", 1.0)
         with pytest.raises(TypeError, match="str"):
             d4rl_normalized_score(3, 1.0)
+
+
+_PAPER_TABLE = {  # MB2PO App. 7.3 (alpha, omega, h, lambda); walker2d-mixed is our choice
+    "halfcheetah-random": (1.0, 0.8, 5, 1.0), "hopper-random": (1.0, 0.8, 1, 1.0),
+    "walker2d-random": (1.0, 0.8, 1, 1.0), "halfcheetah-medium": (1.0, 0.8, 5, 1.0),
+    "hopper-medium": (1.0, 0.8, 1, 1.0), "walker2d-medium": (1.0, 0.8, 1, 1.0),
+    "halfcheetah-expert": (2.0, 0.8, 1, 1.0), "hopper-expert": (2.0, 0.8, 1, 1.0),
+    "walker2d-expert": (2.0, 0.8, 1, 1.0), "halfcheetah-medium-expert": (2.0, 0.8, 1, 1.0),
+    "hopper-medium-expert": (2.0, 0.8, 1, 1.0), "walker2d-medium-expert": (2.0, 0.8, 1, 1.0),
+    "halfcheetah-mixed": (1.0, 0.01, 5, 1.0), "hopper-mixed": (1.0, 0.01, 1, 1.0),
+    "walker2d-mixed": (1.0, 0.01, 1, 1.0),
+}
+
+
+@pytest.mark.parametrize("preset", ["paper", "quick"])
+def test_example_config_per_task_and_dataset(preset):
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from hydra import compose, initialize_config_dir
+
+    from examples.mb2po.utils import build_config, DATASETS, TASKS
+
+    assert len(TASKS) * len(DATASETS) == len(_PAPER_TABLE)
+    with initialize_config_dir(config_dir=str(root / "examples" / "mb2po"), version_base=None):
+        for task in TASKS:
+            for dataset in DATASETS:
+                cfg = compose("config", overrides=[f"task={task}", f"dataset={dataset}", f"preset={preset}"])
+                c = build_config(cfg)
+                assert (c.awac_lambda, c.omega, c.horizon, c.penalty_coef) == _PAPER_TABLE[f"{task}-{dataset}"]
+                if preset == "paper":
+                    assert (c.pretrain_steps, c.num_iterations, c.awac_steps_per_iteration) == (500_000, 500, 1000)
+                    assert (c.model_samples_per_iteration, c.retain_iterations, c.batch_size) == (1_000_000, 100, 1024)
+                    assert c.num_cells == (256,) * 4 and c.model_cells == (200,) * 4
