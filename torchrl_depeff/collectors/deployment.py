@@ -7,10 +7,15 @@ weights (:func:`policy_hash`).
 
 Choice: :func:`collect_deployment` returns ``(data, info)``: ``data`` is a plain TensorDict of
 exactly ``num_transitions`` rows (``[B]``, batch dims flattened) and ``info`` a JSON-serialisable
-dict (``policy_hash`` of the frozen policy, exploration module excluded, ``deployment``, ``policy_version``, ``num_transitions``, ``seconds``,
-``transitions_per_s``) that is meant to be passed as ``metadata`` to
+dict (``policy_hash`` of the frozen policy, exploration module excluded, ``deployment``,
+``policy_version``, ``num_transitions``, ``exploration``, ``collector``, ``num_workers``,
+``attempts``, ``seconds``, ``transitions_per_s``) that is meant to be passed as ``metadata`` to
 :meth:`~torchrl_depeff.data.deployments.DeploymentReplayBuffers.add_deployment`. Non-tensor
 metadata inside the TensorDict would not survive the memory-mapped storage cleanly.
+
+Scale-out (issue 8): the same call collects in-process from a batched env (``"single"``, e.g.
+:func:`~torchrl_depeff.envs.vector.make_vector_env`), in worker processes (``"multisync"``) or on
+Ray actors (``"ray"``, local or a cluster via ``ray_address``), selected by config only.
 """
 from __future__ import annotations
 
@@ -24,10 +29,18 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torch import nn
 from torchrl.collectors import Collector, MultiSyncCollector
+from torchrl._utils import logger as torchrl_logger
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
-__all__ = ["freeze_policy", "policy_hash", "collect_deployment", "DeploymentCollector"]
+__all__ = [
+    "BACKENDS",
+    "DeploymentCollectionError",
+    "DeploymentCollector",
+    "collect_deployment",
+    "freeze_policy",
+    "policy_hash",
+]
 
 
 def freeze_policy(policy: nn.Module) -> nn.Module:
@@ -93,6 +106,160 @@ def _deployed(policy: nn.Module, exploration: nn.Module | None) -> tuple[nn.Modu
     return frozen, TensorDictSequential(frozen, freeze_policy(exploration))
 
 
+#: accepted ``collector`` (backend) names of :func:`collect_deployment`
+BACKENDS: tuple[str, ...] = ("single", "multisync", "ray")
+
+_RAY_PROBE_TIMEOUT_S = 5.0
+
+
+class DeploymentCollectionError(RuntimeError):
+    """A deployment could not be collected (a worker died or failed); nothing was returned.
+
+    Raised by :func:`collect_deployment` for the ``"multisync"`` and ``"ray"`` backends once
+    ``max_retries`` restarts are used up. The original error is chained (``__cause__``).
+
+    Examples:
+        >>> from torchrl_depeff.collectors.deployment import DeploymentCollectionError
+        >>> issubclass(DeploymentCollectionError, RuntimeError)
+        True
+    """
+
+
+def _check_ray_address(address: str, timeout: float = _RAY_PROBE_TIMEOUT_S) -> None:
+    """Fails fast (``ConnectionError``) if ``host:port`` / ``ray://host:port`` is unreachable."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    hostport = hostport.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(
+            f"ray_address must be 'auto', 'local', 'host:port' or 'ray://host:port', got {address!r}"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at ray_address={address!r} ({type(err).__name__}: {err}); "
+            "start it with `ray start --head` or fix the address"
+        ) from err
+
+
+def _ensure_ray(ray_address: str | None, ray_init_config: dict | None) -> None:
+    """Connects to (or starts) Ray once per process, so that it outlives each deployment."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(
+            "collector='ray' needs ray (pip install 'ray>=2.40'); it is not installed"
+        ) from err
+    if ray.is_initialized():
+        return
+    config = dict(ray_init_config or {})
+    if ray_address is not None:
+        _check_ray_address(ray_address)
+        config["address"] = ray_address
+    config.setdefault("include_dashboard", False)
+    config.setdefault("log_to_driver", False)
+    try:
+        ray.init(**config)
+    except ConnectionError as err:
+        raise ConnectionError(f"cannot connect to Ray at ray_address={ray_address!r}: {err}") from err
+
+
+def _frames_per_batch(
+    frames_per_batch: int | None, num_transitions: int, multiple: int
+) -> int:
+    fpb = int(frames_per_batch) if frames_per_batch is not None else min(num_transitions, 1000)
+    if fpb < 1:
+        raise ValueError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+    # Every batch is a whole number of steps of every env (or worker): round up.
+    return -(-fpb // multiple) * multiple
+
+
+def _make_collector(
+    deployed: nn.Module,
+    env: EnvBase | Callable[[], EnvBase],
+    num_transitions: int,
+    *,
+    collector: str,
+    num_workers: int,
+    frames_per_batch: int | None,
+    exploration_type: ExplorationType,
+    seed: int | None,
+    ray_remote_config: dict | None,
+):
+    common = dict(exploration_type=exploration_type, auto_register_policy_transforms=False)
+    if collector == "single":
+        if not isinstance(env, EnvBase):
+            env = env()
+        fpb = _frames_per_batch(frames_per_batch, num_transitions, env.batch_size.numel())
+        if seed is not None:
+            env.set_seed(int(seed))  # before the collector's first reset
+        coll = Collector(env, deployed, frames_per_batch=fpb, total_frames=-1, **common)
+        if seed is not None:
+            coll.set_seed(int(seed))
+            coll.reset()  # restart every env from the seeded state
+        return coll
+    fpb = _frames_per_batch(frames_per_batch, num_transitions, num_workers)
+    if collector == "multisync":
+        coll = MultiSyncCollector(
+            [env] * num_workers, deployed, cat_results=0, frames_per_batch=fpb, total_frames=-1, **common
+        )
+        if seed is not None:
+            coll.set_seed(int(seed))
+            coll.reset()
+        # the frozen weights, shipped once at deployment start (issue 8); never updated after
+        coll.update_policy_weights_(deployed)
+        return coll
+    # collector == "ray" (Ray already initialised by _run_collection)
+    from torchrl.collectors.distributed import RayCollector
+
+    remote = {"num_cpus": 1} if ray_remote_config is None else dict(ray_remote_config)
+    coll = RayCollector(
+        [env] * num_workers,
+        deployed,
+        frames_per_batch=fpb,
+        total_frames=2**62,  # effectively unbounded: we stop after B transitions
+        sync=True,
+        exploration_type=exploration_type,
+        collector_kwargs={"auto_register_policy_transforms": False},
+        remote_configs=remote,
+    )
+    if seed is not None:
+        coll.set_seed(int(seed))
+    coll.update_policy_weights_(deployed)  # shipped once per deployment (issue 8)
+    return coll
+
+
+def _shutdown(coll, collector: str) -> None:
+    try:
+        if collector == "ray":
+            coll.shutdown(shutdown_ray=False)
+        else:
+            coll.shutdown()
+    except Exception as err:  # a dead worker can make shutdown fail too; the real error is raised
+        torchrl_logger.warning(f"collector shutdown after a failure raised {type(err).__name__}: {err}")
+
+
+def _gather(coll, num_transitions: int, bar) -> TensorDictBase:
+    parts, collected = [], 0
+    for batch in coll:
+        batch = batch.reshape(-1)
+        parts.append(batch.clone())
+        if bar is not None:
+            bar.update(min(batch.shape[0], num_transitions - collected))
+        collected += batch.shape[0]
+        if collected >= num_transitions:
+            break
+    if collected < num_transitions:
+        raise RuntimeError(f"the collector stopped after {collected} of {num_transitions} transitions")
+    return torch.cat(parts, 0)[:num_transitions]
+
+
 def _run_collection(
     deployed: nn.Module,
     env: EnvBase | Callable[[], EnvBase],
@@ -104,59 +271,69 @@ def _run_collection(
     exploration_type: ExplorationType,
     progress: bool,
     seed: int | None,
-) -> TensorDictBase:
+    deployment: int,
+    max_retries: int,
+    ray_address: str | None,
+    ray_init_config: dict | None,
+    ray_remote_config: dict | None,
+) -> tuple[TensorDictBase, int]:
+    """Returns exactly ``num_transitions`` rows and the number of attempts, or raises."""
+    if collector not in BACKENDS:
+        raise ValueError(f"collector must be one of {list(BACKENDS)}, got {collector!r}")
     if collector == "single":
-        env_batch = env.batch_size.numel() if isinstance(env, EnvBase) else 1
-    elif collector == "multisync":
-        if isinstance(env, EnvBase) or not callable(env):
-            raise TypeError(
-                "collector='multisync' needs env to be a zero-argument env factory (e.g. "
-                f"torchrl.envs.EnvCreator), got {type(env).__name__}"
-            )
-        env_batch = num_workers
-    else:
-        raise ValueError(f"collector must be 'single' or 'multisync', got {collector!r}")
-    # Every batch is a whole number of steps of every env, so round up to a multiple of env_batch.
-    fpb = int(frames_per_batch) if frames_per_batch is not None else min(num_transitions, 1000)
-    if fpb < 1:
-        raise ValueError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
-    fpb = -(-fpb // env_batch) * env_batch
-    num_batches = -(-num_transitions // fpb)
-    kwargs = dict(
-        frames_per_batch=fpb,
-        total_frames=num_batches * fpb,
-        exploration_type=exploration_type,
-        auto_register_policy_transforms=False,
-    )
-    if collector == "single":
-        if seed is not None and isinstance(env, EnvBase):
-            env.set_seed(int(seed))  # before the collector's first reset
-        coll = Collector(env, deployed, **kwargs)
-    else:
-        coll = MultiSyncCollector([env] * num_workers, deployed, cat_results=0, **kwargs)
-    if seed is not None:
-        coll.set_seed(int(seed))
-        coll.reset()  # restart every env from the seeded state
+        if not isinstance(env, EnvBase) and not callable(env):
+            raise TypeError(f"env must be an EnvBase or an env factory, got {type(env).__name__}")
+    elif isinstance(env, EnvBase) or not callable(env):
+        raise TypeError(
+            f"collector={collector!r} needs env to be a picklable zero-argument env factory (e.g. "
+            f"torchrl.envs.EnvCreator or functools.partial(make_vector_env, ...)), got {type(env).__name__}"
+        )
+    if collector == "ray":
+        _ensure_ray(ray_address, ray_init_config)  # config errors are raised, not retried
     bar = None
     if progress:
         import tqdm
 
-        bar = tqdm.tqdm(total=num_transitions, desc="deployment", unit="transition")
-    parts, collected = [], 0
+        bar = tqdm.tqdm(total=num_transitions, desc=f"deployment {deployment}", unit="transition")
+    attempts = 0
     try:
-        for batch in coll:
-            batch = batch.reshape(-1)
-            parts.append(batch.clone())
-            collected += batch.shape[0]
-            if bar is not None:
-                bar.update(min(batch.shape[0], num_transitions - (collected - batch.shape[0])))
-            if collected >= num_transitions:
-                break
+        while True:
+            attempts += 1
+            coll = None
+            try:
+                coll = _make_collector(
+                    deployed,
+                    env,
+                    num_transitions,
+                    collector=collector,
+                    num_workers=num_workers,
+                    frames_per_batch=frames_per_batch,
+                    exploration_type=exploration_type,
+                    seed=seed,
+                    ray_remote_config=ray_remote_config,
+                )
+                return _gather(coll, num_transitions, bar), attempts
+            except Exception as err:
+                if collector == "single":
+                    raise  # in-process: the env's / policy's own error, nothing to restart
+                if attempts > max_retries:
+                    raise DeploymentCollectionError(
+                        f"deployment {deployment}: collector={collector!r} with {num_workers} worker(s) "
+                        f"failed after {attempts} attempt(s) ({type(err).__name__}: {err}); "
+                        "no partial deployment was returned"
+                    ) from err
+                torchrl_logger.warning(
+                    f"deployment {deployment}: attempt {attempts} failed ({type(err).__name__}: {err}); "
+                    "discarding its transitions and restarting the whole deployment"
+                )
+                if bar is not None:
+                    bar.reset()
+            finally:
+                if coll is not None:
+                    _shutdown(coll, collector)
     finally:
-        coll.shutdown()
         if bar is not None:
             bar.close()
-    return torch.cat(parts, 0)[:num_transitions]
 
 
 def collect_deployment(
@@ -167,22 +344,43 @@ def collect_deployment(
     exploration: TensorDictModuleBase | None = None,
     deployment: int,
     policy_version: int,
-    collector: Literal["single", "multisync"] = "single",
+    collector: Literal["single", "multisync", "ray"] = "single",
     num_workers: int = 1,
     frames_per_batch: int | None = None,
     exploration_type: ExplorationType = ExplorationType.RANDOM,
     progress: bool = False,
     seed: int | None = None,
+    max_retries: int = 0,
+    ray_address: str | None = None,
+    ray_init_config: dict | None = None,
+    ray_remote_config: dict | None = None,
 ) -> tuple[TensorDictBase, dict]:
     """Collect exactly ``num_transitions`` real transitions with a frozen copy of ``policy``.
 
     The deployed module is ``freeze_policy(policy)`` followed by ``exploration`` (if given; e.g.
-    BREMEN's stationary ``N(0, 0.1^2)`` noise on a deterministic mean), run through a TorchRL
-    :class:`~torchrl.collectors.Collector` (``collector="single"``) or
-    :class:`~torchrl.collectors.MultiSyncCollector` (``"multisync"``, ``num_workers`` processes).
-    Batched envs (``env.batch_size == [n]``) work: batches are rounded to whole env steps, the
-    ``[n, T]`` output is flattened and the surplus of the last batch dropped, so the row count is
-    exactly ``num_transitions``. Rows get ``"deployment"`` and ``"policy_version"`` (int64 ``[B]``).
+    BREMEN's stationary ``N(0, 0.1^2)`` noise on a deterministic mean). Backends (``collector``):
+
+    * ``"single"`` (default): one in-process :class:`~torchrl.collectors.Collector`. Give it a
+      batched env (e.g. :func:`~torchrl_depeff.envs.vector.make_vector_env`): one TorchRL step
+      then advances ``n`` envs, which is what makes in-process collection fast.
+    * ``"multisync"``: :class:`~torchrl.collectors.MultiSyncCollector`, ``num_workers`` processes.
+    * ``"ray"``: TorchRL's :class:`~torchrl.collectors.distributed.RayCollector` with
+      ``num_workers`` remote collectors (``sync=True``). Ray is initialised once per process if
+      it is not already (``ray_address``, ``ray_init_config``; an unreachable address raises
+      ``ConnectionError`` after a 5 s TCP probe instead of hanging) and left running afterwards.
+
+    Every backend builds its collector from the frozen copy for this deployment only and ships
+    its weights once, at deployment start (``update_policy_weights_``), never during collection:
+    whatever the learner does meanwhile, every row comes from the same weights (BREMEN Alg. 1,
+    line 4). Batches are rounded to whole env (worker) steps, ``[*env_batch, T]`` outputs are
+    flattened, the surplus of the last batch dropped, so the row count is exactly
+    ``num_transitions``. Rows get ``"deployment"`` and ``"policy_version"`` (int64 ``[B]``).
+
+    Failures: the transitions are accumulated locally and returned only when all ``B`` are there,
+    so a failure never yields a partial deployment. For ``"multisync"``/``"ray"`` a worker that
+    dies or raises makes the whole deployment restart from scratch up to ``max_retries`` times,
+    then :class:`DeploymentCollectionError` (a ``RuntimeError``) is raised. ``"single"``
+    re-raises the env's/policy's own exception.
 
     Choice: ``exploration_type`` defaults to ``RANDOM``: a :class:`ProbabilisticActor` samples its
     action, which for BREMEN's actor *is* the stationary deployment noise (App. F.1). Pass
@@ -191,24 +389,33 @@ def collect_deployment(
     Args:
         policy (nn.Module): the learner's policy (a TensorDict module); it is deep-copied, never
             used or modified by the collection.
-        env (EnvBase | Callable[[], EnvBase]): real env (or factory; a factory is required for
-            ``"multisync"``).
+        env (EnvBase | Callable[[], EnvBase]): real env or factory (a picklable factory is required
+            for ``"multisync"`` and ``"ray"``; each worker builds its own env, possibly batched).
         num_transitions (int): ``B``, the deployment size.
 
     Keyword Args:
         exploration (TensorDictModuleBase, optional): module appended after the policy.
         deployment (int): deployment index stored in every row.
         policy_version (int): policy version stored in every row.
-        collector (str): ``"single"`` (default) or ``"multisync"``.
-        num_workers (int): worker processes for ``"multisync"``. Defaults to ``1``.
-        frames_per_batch (int, optional): collector batch size. Defaults to ``min(B, 1000)``.
+        collector (str): backend, one of :data:`BACKENDS`. Defaults to ``"single"``.
+        num_workers (int): worker processes / Ray actors. Defaults to ``1``.
+        frames_per_batch (int, optional): collector batch size (all workers together). Defaults
+            to ``min(B, 1000)``.
         exploration_type (ExplorationType): see above. Defaults to ``RANDOM``.
         progress (bool): show a tqdm bar. Defaults to ``False``.
         seed (int, optional): seeds the env(s) (``set_seed``) and, inside a forked RNG scope, the
-            torch RNG used by the policy / exploration, leaving the caller's RNG untouched.
+            torch RNG used by the policy / exploration in this process, leaving the caller's RNG
+            untouched. For ``"ray"`` the seed applies from the workers' next env reset.
+        max_retries (int): full restarts after a worker failure. Defaults to ``0``.
+        ray_address (str, optional): ``"auto"``, ``"host:port"`` or ``"ray://host:port"``;
+            ``None`` starts a local Ray instance. Ignored if Ray is already initialised.
+        ray_init_config (dict, optional): extra ``ray.init`` kwargs (e.g. ``{"num_cpus": 2}``).
+        ray_remote_config (dict, optional): Ray actor options per worker. Defaults to
+            ``{"num_cpus": 1}``.
 
     Returns:
-        tuple[TensorDictBase, dict]: the ``[B]`` transitions and the info dict (see module doc).
+        tuple[TensorDictBase, dict]: the ``[B]`` transitions and the info dict (see module doc;
+        also ``"attempts"`` and ``"num_workers"``).
 
     Examples:
         >>> from torchrl.envs import GymEnv
@@ -220,11 +427,21 @@ def collect_deployment(
         ...                                 frames_per_batch=16)
         >>> data.batch_size, data["deployment"].unique().tolist(), info["policy_hash"] == policy_hash(policy)
         (torch.Size([50]), [0], True)
+        >>> from torchrl_depeff.envs.vector import make_vector_env
+        >>> vec = make_vector_env("halfcheetah", 4, seed=0)
+        >>> policy = TensorDictModule(torch.nn.Linear(17, 6), ["observation"], ["action"])
+        >>> data, info = collect_deployment(policy, vec, 30, deployment=1, policy_version=1, seed=0)
+        >>> data.batch_size, info["collector"], info["attempts"]
+        (torch.Size([30]), 'single', 1)
     """
     if int(num_transitions) < 1:
         raise ValueError(f"num_transitions must be >= 1, got {num_transitions}")
     if int(num_workers) < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if int(max_retries) < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if collector not in BACKENDS:
+        raise ValueError(f"collector must be one of {list(BACKENDS)}, got {collector!r}")
     num_transitions = int(num_transitions)
     frozen, deployed = _deployed(policy, exploration)
     digest = policy_hash(frozen)
@@ -232,7 +449,7 @@ def collect_deployment(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(int(seed))
-        data = _run_collection(
+        data, attempts = _run_collection(
             deployed,
             env,
             num_transitions,
@@ -242,9 +459,16 @@ def collect_deployment(
             exploration_type=exploration_type,
             progress=progress,
             seed=seed,
+            deployment=int(deployment),
+            max_retries=int(max_retries),
+            ray_address=ray_address,
+            ray_init_config=ray_init_config,
+            ray_remote_config=ray_remote_config,
         )
     seconds = time.perf_counter() - start
     n = data.shape[0]
+    if n != num_transitions:  # guard: never hand out a partial deployment
+        raise DeploymentCollectionError(f"collected {n} rows instead of {num_transitions}")
     data.set("deployment", torch.full((n,), int(deployment), dtype=torch.int64))
     data.set("policy_version", torch.full((n,), int(policy_version), dtype=torch.int64))
     info = {
@@ -254,6 +478,8 @@ def collect_deployment(
         "num_transitions": n,
         "exploration": None if exploration is None else type(exploration).__name__,
         "collector": collector,
+        "num_workers": int(num_workers),
+        "attempts": attempts,
         "seconds": seconds,
         "transitions_per_s": n / max(seconds, 1e-9),
     }
@@ -276,7 +502,8 @@ class DeploymentCollector:
     Keyword Args:
         exploration (TensorDictModuleBase, optional): appended after the policy.
         **collect_kwargs: forwarded to :func:`collect_deployment` (``collector``, ``num_workers``,
-            ``frames_per_batch``, ``exploration_type``, ``progress``).
+            ``frames_per_batch``, ``exploration_type``, ``progress``, ``max_retries``,
+            ``ray_address``, ``ray_init_config``, ``ray_remote_config``).
 
     Examples:
         >>> from torchrl.envs import GymEnv
