@@ -278,6 +278,9 @@ class MB2PO:
       ``h``-step truncation of model rollouts as for dataset time limits.
     * The dataset may lack ``("next", "terminated")`` (D4RL ``terminals``); every ``done`` is
       then treated as a termination.
+    * The constructor seeds the global torch RNG with ``config.seed`` (network initialisation;
+      the replay buffers and the policy sample from the global RNG afterwards); the model env
+      has its own generator seeded with ``config.seed + 1``. Checkpoints store both states.
 
     Args:
         dataset (TensorDictBase): offline transitions ``[N]`` with ``"observation"``,
