@@ -83,11 +83,21 @@ class TestConfig:
             ({"retain_iterations": 0}, "retain_iterations"),
             ({"model_activation": "tanh"}, "model_activation"),
             ({"gamma": 1.5}, "gamma"),
+            ({"target": "mean"}, "target"),
+            ({"target_quantile": 1.2}, "target_quantile"),
+            ({"tau": 0.0}, "tau"),
+            ({"batch_size": 0}, "batch_size"),
         ],
     )
     def test_bad_values_raise_naming_them(self, kwargs, name):
         with pytest.raises(ValueError, match=name):
             MB2POConfig(**kwargs)
+
+
+def test_quantile_target_runs():
+    algo = MB2PO(_dataset(), _config(target="quantile", target_quantile=0.1, num_qvalue_nets=3))
+    out = algo.pretrain(2)
+    assert algo.loss_module.target == "quantile" and math.isfinite(out["pretrain/loss_qvalue"])
 
 
 class TestBadInput:

@@ -194,6 +194,10 @@ class MB2POConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.model_holdout_ratio < 1.0:
             raise ValueError(f"model_holdout_ratio must be in [0, 1), got {self.model_holdout_ratio}")
+        if self.target not in ("min", "quantile"):
+            raise ValueError(f"target must be 'min' or 'quantile', got {self.target!r}")
+        if not 0.0 <= self.target_quantile <= 1.0:
+            raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile}")
         if not self.max_weight > 0:
             raise ValueError(f"max_weight must be > 0, got {self.max_weight}")
         if any(c < 1 for c in (*self.num_cells, *self.model_cells)):
