@@ -291,3 +291,12 @@ def test_paper_table_covers_every_task():
     from torchrl_depeff.envs.tasks import TASK_NAMES
 
     assert set(PAPER_HYPERPARAMETERS) == set(TASK_NAMES)
+
+
+def test_vector_env_deployment(tmp_path):
+    # 4 sub-envs in one process: still exactly B rows, episode starts taken per sub-env
+    algo = BREMEN(tiny(num_envs=4, num_deployments=1), data_root=tmp_path)
+    assert algo.env.batch_size == torch.Size([4])
+    m = algo.deployment_step()
+    assert len(algo.buffers) == B and math.isfinite(m["train/imaginary_return"])
+    assert algo._start_state_pool().shape[0] >= 4

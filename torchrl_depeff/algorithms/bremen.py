@@ -38,6 +38,7 @@ Choices where the paper is silent or ambiguous (each is a :class:`BREMENConfig` 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -60,6 +61,7 @@ from torchrl_depeff.data.deployments import DeploymentReplayBuffers
 from torchrl_depeff.envs.model_env import EnsembleModelEnv
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.envs.tasks import get_task, make_env, TASK_NAMES
+from torchrl_depeff.envs.vector import make_vector_env
 from torchrl_depeff.modules.actors import GaussianPolicyNet, make_gaussian_actor
 from torchrl_depeff.modules.baselines import LinearFeatureBaseline
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
@@ -147,6 +149,11 @@ class BREMENConfig:
             code's ``num_path_onpol``); ``0`` disables evaluation.
         eval_max_steps (int, optional): cap on evaluation episode length (default: the task's).
         collect_frames_per_batch (int): collector batch. Defaults to 1000.
+        num_envs (int): sub-envs stepped together in each collector process (a gymnasium
+            ``SyncVectorEnv``, :func:`~torchrl_depeff.envs.make_vector_env`). Defaults to 1.
+        collector (str): ``"single"`` (in-process), ``"multisync"`` (TorchRL multi-process) or
+            ``"ray"`` (TorchRL Ray collector), see :func:`~torchrl_depeff.collectors.collect_deployment`.
+        num_workers (int): collector processes for ``"multisync"`` / ``"ray"``. Defaults to 1.
         gate_max_kl (float, optional): deployment gate bound on ``KL(new || deployed)``.
         gate_on_fail (str): ``"raise"`` (stop the run) or ``"fallback"`` (redeploy the last policy).
         log_interval (int): TRPO iterations between ``train/*`` log lines. Defaults to 50.
@@ -212,6 +219,9 @@ class BREMENConfig:
     eval_episodes: int = 3
     eval_max_steps: int | None = None
     collect_frames_per_batch: int = 1000
+    num_envs: int = 1
+    collector: str = "single"
+    num_workers: int = 1
     gate_max_kl: float | None = None
     gate_on_fail: str = "raise"
     log_interval: int = 50
@@ -229,6 +239,7 @@ class BREMENConfig:
             "trpo_batch_size", "cg_iterations", "line_search_steps", "ensemble_size",
             "dynamics_batch_size", "dynamics_max_epochs", "dynamics_patience", "bc_batch_size",
             "bc_max_epochs", "bc_patience", "num_reset_states", "collect_frames_per_batch",
+            "num_envs", "num_workers",
             "log_interval", "checkpoint_interval",
         ):
             value = getattr(self, name)
@@ -268,6 +279,7 @@ class BREMENConfig:
             "member_selection": ("per_step", "per_sample", "per_trajectory", "mean"),
             "start_states": ("first", "reset", "all"),
             "gate_on_fail": ("raise", "fallback"),
+            "collector": ("single", "multisync", "ray"),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -316,6 +328,15 @@ class BREMENConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flat dict of the fields (tuples as lists), as stored in checkpoints."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _default_env(cfg: BREMENConfig) -> EnvBase | Callable[[], EnvBase]:
+    """The deployment env of a config: one env, a vector env, or a factory for worker processes."""
+    if cfg.num_envs > 1:
+        factory = functools.partial(make_vector_env, cfg.task, cfg.num_envs)
+    else:
+        factory = functools.partial(make_env, cfg.task)
+    return factory() if cfg.collector == "single" else factory
 
 
 def _completed_episode_returns(
@@ -376,7 +397,7 @@ class BREMEN:
             ``checkpoint_interval`` TRPO iterations (e.g. to :func:`~torchrl_depeff.algorithms.
             common.atomic_save` :meth:`state_dict`).
         collect_kwargs (dict, optional): extra arguments of :func:`collect_deployment`
-            (``collector``, ``num_workers``).
+            (e.g. ``exploration``, ``max_retries``, ``ray_address``); they override the config.
 
     Examples:
         >>> import tempfile
@@ -414,7 +435,7 @@ class BREMEN:
         self.collect_kwargs = dict(collect_kwargs or {})
         torch.manual_seed(cfg.seed)
 
-        self.env = env if env is not None else make_env(cfg.task)
+        self.env = env if env is not None else _default_env(cfg)
         self._eval_env = eval_env
         self.buffers = DeploymentReplayBuffers(data_root)
 
@@ -536,7 +557,11 @@ class BREMEN:
             n = int(meta["num_rows"])
         else:
             policy = candidate if self.device.type == "cpu" else copy.deepcopy(candidate).to("cpu")
-            kwargs = dict(frames_per_batch=cfg.collect_frames_per_batch, **self.collect_kwargs)
+            kwargs = dict(
+                frames_per_batch=cfg.collect_frames_per_batch, collector=cfg.collector,
+                num_workers=cfg.num_workers,
+            )
+            kwargs.update(self.collect_kwargs)
             data, info = collect_deployment(
                 policy, self.env, cfg.deployment_size, deployment=k, policy_version=version,
                 progress=self.progress, seed=cfg.seed + 1000 * (k + 1), **kwargs,
