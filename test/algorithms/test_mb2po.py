@@ -430,3 +430,39 @@ def test_example_config_per_task_and_dataset(preset):
                     assert (c.pretrain_steps, c.num_iterations, c.awac_steps_per_iteration) == (500_000, 500, 1000)
                     assert (c.model_samples_per_iteration, c.retain_iterations, c.batch_size) == (1_000_000, 100, 1024)
                     assert c.num_cells == (256,) * 4 and c.model_cells == (200,) * 4
+
+
+def test_example_runs_and_resumes(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from hydra import compose, initialize_config_dir
+
+    from examples.mb2po.mb2po import run
+
+    tiny = [
+        f"output_dir={tmp_path}", "presets.quick.num_transitions=300", "presets.quick.pretrain_steps=6",
+        "presets.quick.eval_every_pretrain_steps=3", "presets.quick.eval_every_iterations=1",
+        "presets.quick.eval_max_steps=10", "presets.quick.model_max_epochs=1", "presets.quick.batch_size=32",
+        "presets.quick.num_cells=[16]", "presets.quick.model_cells=[16]", "presets.quick.num_value_samples=2",
+        "presets.quick.model_samples_per_iteration=50", "presets.quick.awac_steps_per_iteration=3",
+    ]
+    with initialize_config_dir(config_dir=str(root / "examples" / "mb2po"), version_base=None):
+        first = run(compose("config", overrides=[*tiny, "presets.quick.num_iterations=1"]))
+        assert (first["pretrain_steps"], first["iterations"]) == (6, 1)
+        for name in ("checkpoint.pt", "learning_curve.png", "summary.json", "dataset/metadata.json"):
+            assert (tmp_path / name).exists(), name
+        assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary file
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert ckpt["algo"]["iteration"] == 1 and len(ckpt["history"]) == 3  # 2 AWAC + 1 MB2PO evals
+        assert (tmp_path / "mb2po" / "scalars").is_dir()
+        # resume with a larger budget: no pre-training again, one more iteration
+        second = run(compose("config", overrides=[*tiny, "presets.quick.num_iterations=2"]))
+        assert (second["pretrain_steps"], second["iterations"]) == (6, 2)
+        history = json.loads((tmp_path / "summary.json").read_text())["history"]
+        assert [h["phase"] for h in history] == ["pretrain", "pretrain", "finetune", "finetune"]
+        assert second["awac_score"] == first["awac_score"]
