@@ -88,6 +88,7 @@ __all__ = [
     "MUSBO_VARIANTS",
     "BUDGETS",
     "DropKeys",
+    "deployment_analysis",
 ]
 
 #: MUSBO Table 2 (``L`` = TRPO iterations per deployment, rollout length, TRPO's delta), with the
@@ -309,6 +310,61 @@ def _trajectory_windows(data: TensorDictBase, horizon: int, max_windows: int, ge
     return data[idx]
 
 
+def deployment_analysis(
+    algo: BREMEN, *, max_states: int = 2000, num_trajectories: int = 32, horizon: int = 50
+) -> dict[str, float]:
+    """MUSBO sec. 5 analysis of the latest deployment of any BREMEN-family run.
+
+    * ``metrics/novelty`` (Table 1): :func:`~torchrl_depeff.metrics.novelty_score` of up to
+      ``max_states`` random states of the latest batch against up to ``max_states`` random states
+      of all earlier batches (absent for the first deployment);
+    * ``metrics/energy_distance`` and ``metrics/trajectory_mse`` (Fig. 6): open-loop rollouts of
+      the dynamics ensemble's mean from the start state of ``num_trajectories`` real windows of
+      ``horizon`` steps of the latest batch, replaying the recorded actions.
+
+    Works for :class:`~torchrl_depeff.algorithms.bremen.BREMEN` too (only ``buffers``,
+    ``ensemble``, ``task`` and ``config.seed`` are read), so both algorithms are measured alike.
+
+    Args:
+        algo (BREMEN): a run with at least one deployment in its buffers.
+
+    Keyword Args:
+        max_states (int): states per side for the novelty score. Defaults to 2000.
+        num_trajectories (int): real windows. Defaults to 32.
+        horizon (int): steps per window. Defaults to 50.
+
+    Examples:
+        >>> import tempfile
+        >>> from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig
+        >>> from torchrl_depeff.algorithms.musbo import deployment_analysis
+        >>> cfg = BREMENConfig(deployment_size=200, iterations_per_deployment=1, rollout_length=5,
+        ...     trpo_batch_size=20, ensemble_size=2, ensemble_num_cells=(16,), policy_num_cells=(8,),
+        ...     dynamics_max_epochs=2, bc_max_epochs=2, eval_episodes=0, collect_frames_per_batch=100)
+        >>> algo = BREMEN(cfg, data_root=tempfile.mkdtemp())
+        >>> _ = algo.deployment_step()
+        >>> sorted(deployment_analysis(algo, horizon=5, num_trajectories=4))
+        ['metrics/energy_distance', 'metrics/trajectory_mse']
+    """
+    k = algo.buffers.num_deployments - 1
+    if k < 0:
+        raise ValueError("deployment_analysis needs at least one deployment in algo.buffers")
+    g = torch.Generator().manual_seed(algo.config.seed + 101 * (k + 1))
+    latest = algo.buffers.as_tensordict("latest").reshape(-1)
+    d = algo.task.observation_dim
+    device = next(algo.ensemble.parameters()).device
+    previous = new = None
+    if k >= 1:
+        earlier = torch.cat([algo.buffers.as_tensordict(i)["observation"].reshape(-1, d) for i in range(k)])
+        previous = earlier[torch.randperm(earlier.shape[0], generator=g)[:max_states]].to(device)
+        new = latest["observation"][torch.randperm(latest.shape[0], generator=g)[:max_states]].to(device)
+    windows = _trajectory_windows(latest, horizon, num_trajectories, g)
+    values = deployment_metrics(
+        new_batch=new, previous_data=previous, model=algo.ensemble,
+        real_trajectories=windows.to(device) if windows is not None else None,
+    )
+    return {f"metrics/{name}": value for name, value in values.items()}
+
+
 class MUSBO(BREMEN):
     """MUSBO's deployment loop (Alg. 1): BREMEN plus the uncertainty labeler in three places.
 
@@ -519,28 +575,12 @@ class MUSBO(BREMEN):
 
     # ------------------------------------------------------------------ metrics
     def analysis_metrics(self) -> dict[str, float]:
-        """Sec. 5 metrics of the latest deployment: novelty (Table 1), energy distance and
-        trajectory MSE of open-loop model rollouts against real windows (Fig. 6)."""
+        """Sec. 5 metrics of the latest deployment (see :func:`deployment_analysis`)."""
         cfg = self.config
-        k = self.buffers.num_deployments - 1
-        g = torch.Generator().manual_seed(cfg.seed + 101 * (k + 1))
-        latest = self.buffers.as_tensordict("latest").reshape(-1)
-        out: dict[str, float] = {}
-        previous = None
-        if k >= 1:
-            earlier = torch.cat([self.buffers.as_tensordict(i)["observation"].reshape(-1, self.task.observation_dim) for i in range(k)])
-            previous = earlier[torch.randperm(earlier.shape[0], generator=g)[: cfg.metrics_max_states]]
-        new = latest["observation"][torch.randperm(latest.shape[0], generator=g)[: cfg.metrics_max_states]]
-        windows = _trajectory_windows(latest, cfg.metrics_horizon, cfg.metrics_num_trajectories, g)
-        values = deployment_metrics(
-            new_batch=new.to(self.device) if previous is not None else None,
-            previous_data=previous.to(self.device) if previous is not None else None,
-            model=self.ensemble,
-            real_trajectories=windows.to(self.device) if windows is not None else None,
+        return deployment_analysis(
+            self, max_states=cfg.metrics_max_states, num_trajectories=cfg.metrics_num_trajectories,
+            horizon=cfg.metrics_horizon,
         )
-        for name, value in values.items():
-            out[f"metrics/{name}"] = value
-        return out
 
     def evaluate(self) -> dict[str, float]:
         """BREMEN's evaluation plus :meth:`analysis_metrics` (when ``metrics`` is on)."""
