@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                       "ratio_min": min(ratios), "ratio_max": max(ratios), **common}))
 
     # mixed-batch sampling cost (two torchrl buffers + cat)
-    algo.model_buffer.extend(data[: 2 * b].clone().set("is_real", torch.zeros(2 * b, dtype=torch.bool)).select(*TRAIN_KEYS))
+    model_rows = data[: 2 * b].clone().set("is_real", torch.zeros(2 * b, dtype=torch.bool))
+    algo.model_buffer.extend(model_rows.select(*TRAIN_KEYS))
     algo._num_real, algo._num_model = int(round(0.8 * b)), b - int(round(0.8 * b))
     algo.sample_mixed_batch()
     sps = time_steps(algo.sample_mixed_batch, 20)

@@ -5,7 +5,6 @@ The GMM actor's log-prob against a direct mixture-formula reference is tested in
 """
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -204,7 +203,8 @@ class TestRollouts:
                 length += 1
                 assert length <= h
                 if terminate is not None:
-                    expected = bool(terminate(ro["observation"][r, t], ro["action"][r, t], ro["next", "observation"][r, t]))
+                    step = (ro["observation"][r, t], ro["action"][r, t], ro["next", "observation"][r, t])
+                    expected = bool(terminate(*step))
                     assert bool(term[r, t]) == expected
                 if bool(done[r, t]):
                     # a trajectory ends by termination or by reaching h steps
@@ -255,7 +255,8 @@ class TestPenalty:
     def test_penalty_is_lambda_max_frobenius_over_elites(self):
         data = _dataset()
         lam = 0.7
-        algo = MB2PO(data, _config(penalty_coef=lam, horizon=1, model_samples_per_iteration=8, num_members=3, num_elites=2))
+        cfg = _config(penalty_coef=lam, horizon=1, model_samples_per_iteration=8, num_members=3, num_elites=2)
+        algo = MB2PO(data, cfg)
         algo.fit_model()
         ens = algo.ensemble
         # hand-built diagonal covariances: Sigma_i = diag(sigma_i^2), ||Sigma_i||_F = ||sigma_i^2||_2

@@ -606,7 +606,11 @@ class MB2PO:
         return metrics
 
     def train(
-        self, num_iterations: int | None = None, *, progress: bool = False, callback: Callable[[int, dict], None] | None = None
+        self,
+        num_iterations: int | None = None,
+        *,
+        progress: bool = False,
+        callback: Callable[[int, dict], None] | None = None,
     ) -> list[dict[str, float]]:
         """Run fine-tuning iterations (fitting the model first if needed).
 
