@@ -13,6 +13,12 @@ from torchrl_depeff.data.datasets import (
     UniformRandomAction,
     validate_offline_dataset,
 )
+from torchrl_depeff.data.scores import (
+    d4rl_normalized_score,
+    d4rl_reference_returns,
+    REF_MAX_SCORE,
+    REF_MIN_SCORE,
+)
 from torchrl_depeff.data.deployments import (
     DeploymentReplayBuffers,
     REQUIRED_KEYS,
@@ -24,9 +30,13 @@ __all__ = [
     "DeploymentReplayBuffers",
     "EpsilonUniformAction",
     "NOISE_VARIANTS",
+    "REF_MAX_SCORE",
+    "REF_MIN_SCORE",
     "REQUIRED_KEYS",
     "UniformRandomAction",
     "collect_behaviour_dataset",
+    "d4rl_normalized_score",
+    "d4rl_reference_returns",
     "load_behaviour_dataset",
     "load_d4rl_hdf5",
     "load_minari",

@@ -1,12 +1,14 @@
-"""Environments: the ensemble model env, uncertainty penalties and task definitions."""
+"""Environments: the ensemble model env, uncertainty penalties, task definitions, batched real envs."""
 from __future__ import annotations
 
 from torchrl_depeff.envs import rewards
 from torchrl_depeff.envs.model_env import EnsembleModelEnv, MEMBER_SELECTIONS, UNCERTAINTY_KEYS
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.envs.tasks import get_task, make_env, TASK_NAMES, TaskReward, TaskSpec
+from torchrl_depeff.envs.vector import AUTORESET_MODES, make_vector_env
 
 __all__ = [
+    "AUTORESET_MODES",
     "EnsembleModelEnv",
     "HardUncertaintyPenalty",
     "MEMBER_SELECTIONS",
@@ -17,5 +19,6 @@ __all__ = [
     "UNCERTAINTY_KEYS",
     "get_task",
     "make_env",
+    "make_vector_env",
     "rewards",
 ]
