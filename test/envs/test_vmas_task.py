@@ -122,3 +122,31 @@ def test_bad_input_is_named():
         JointAgentsEnv(VmasEnv("balance", num_envs=2, continuous_actions=False))
     with pytest.raises(ValueError, match="max_episode_steps"):
         JointAgentsEnv(VmasEnv("balance", num_envs=2, continuous_actions=True), max_episode_steps=0)
+
+
+def test_deployment_runs_in_vmas_worlds():
+    """A deployment (collect_deployment, in-process) steps 64 VMAS worlds: exactly B joint rows."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.envs.utils import ExplorationType
+
+    from torchrl_depeff.collectors.deployment import collect_deployment, freeze_policy
+
+    env = make_vmas_env("balance", 64, seed=0)
+    torch.manual_seed(0)
+    policy = TensorDictModule(torch.nn.Sequential(torch.nn.Linear(48, 6), torch.nn.Tanh()), ["observation"], ["action"])
+    data, info = collect_deployment(
+        policy, env, 1000, deployment=0, policy_version=2, frames_per_batch=640, seed=0,
+        exploration_type=ExplorationType.DETERMINISTIC,
+    )
+    assert data.batch_size == (1000,) and info["num_transitions"] == 1000
+    assert data["observation"].shape == (1000, 48) and data["action"].shape == (1000, 6)
+    assert (data["policy_version"] == 2).all()
+    with torch.no_grad():
+        torch.testing.assert_close(freeze_policy(policy)(data.select("observation").clone())["action"], data["action"])
+    # rows come from many different worlds, and the real reward is the balance team reward
+    assert data["observation"].unique(dim=0).shape[0] == 1000
+    keep = ~data["next", "done"]
+    torch.testing.assert_close(
+        balance_reward(data["observation"], data["action"], data["next", "observation"])[keep],
+        data["next", "reward"][keep], rtol=1e-4, atol=1e-4,
+    )
