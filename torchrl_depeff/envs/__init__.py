@@ -6,19 +6,31 @@ from torchrl_depeff.envs.model_env import EnsembleModelEnv, MEMBER_SELECTIONS, U
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.envs.tasks import get_task, make_env, TASK_NAMES, TaskReward, TaskSpec
 from torchrl_depeff.envs.vector import AUTORESET_MODES, make_vector_env
+from torchrl_depeff.envs.vmas_task import (
+    balance_reward,
+    JointAgentsEnv,
+    make_vmas_env,
+    VMAS_TASKS,
+    VmasTaskSpec,
+)
 
 __all__ = [
     "AUTORESET_MODES",
     "EnsembleModelEnv",
     "HardUncertaintyPenalty",
+    "JointAgentsEnv",
     "MEMBER_SELECTIONS",
     "SoftUncertaintyPenalty",
     "TASK_NAMES",
     "TaskReward",
     "TaskSpec",
     "UNCERTAINTY_KEYS",
+    "VMAS_TASKS",
+    "VmasTaskSpec",
+    "balance_reward",
     "get_task",
     "make_env",
     "make_vector_env",
+    "make_vmas_env",
     "rewards",
 ]
