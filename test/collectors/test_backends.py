@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 
 import pytest
 import torch
@@ -60,19 +59,22 @@ def assert_produced_by(reference: torch.nn.Module, data: TensorDictBase, determi
         assert 0.7 < z.std().item() < 1.3
 
 
-def perturb_forever(module: torch.nn.Module, stop: threading.Event) -> threading.Thread:
-    """The learner keeps training while the deployment is collected."""
+class TrainLearnerEveryStep(Transform):
+    """The learner keeps training while the deployment is collected: every env step changes the
+    learner's parameters (after ``collect_deployment`` took its frozen copy, unlike a free-running
+    thread, which could change them before the copy is taken)."""
 
-    def run():
-        while not stop.is_set():
-            with torch.no_grad():
-                for p in module.parameters():
-                    p.add_(0.01)
-            stop.wait(0.001)
+    def __init__(self, learner: torch.nn.Module) -> None:
+        super().__init__()
+        self.learner = [learner]  # not a submodule of the env
+        self.steps = 0
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        self.steps += 1
+        with torch.no_grad():
+            for p in self.learner[0].parameters():
+                p.add_(0.01)
+        return next_tensordict
 
 
 class DieAfter(Transform):
@@ -161,17 +163,13 @@ def test_unreachable_ray_address():
 def test_single_vector_env_exact_b_frozen_weights(deterministic):
     actor = make_actor(17, 6)
     reference = freeze_policy(actor)
-    env = make_vector_env("halfcheetah", 4, seed=0)
-    stop = threading.Event()
-    thread = perturb_forever(actor, stop)
-    try:
-        data, info = collect_deployment(
-            actor, env, 203, deployment=2, policy_version=5, frames_per_batch=64, seed=0,
-            exploration_type=ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM,
-        )
-    finally:
-        stop.set()
-        thread.join()
+    trainer = TrainLearnerEveryStep(actor)
+    env = TransformedEnv(make_vector_env("halfcheetah", 4, seed=0), trainer)
+    data, info = collect_deployment(
+        actor, env, 203, deployment=2, policy_version=5, frames_per_batch=64, seed=0,
+        exploration_type=ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM,
+    )
+    assert trainer.steps >= 203 // 4  # the learner changed throughout the collection
     assert data.batch_size == (203,) and info["num_transitions"] == 203
     assert data["deployment"].tolist() == [2] * 203 and data["policy_version"].tolist() == [5] * 203
     assert info["policy_hash"] == policy_hash(reference) != policy_hash(actor)
