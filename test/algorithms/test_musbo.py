@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-import torchrl_depeff.algorithms.musbo as musbo_mod
+import torchrl_depeff.algorithms.bremen as bremen_mod
 from torchrl_depeff.algorithms.bremen import BREMENConfig
 from torchrl_depeff.algorithms.common import atomic_save, load_checkpoint
 from torchrl_depeff.algorithms.musbo import (
@@ -125,13 +125,13 @@ class TestMUSBO:
         loss, optim = algo._loss()
         assert type(loss) is UncertaintyWeightedTRPOLoss and loss.alpha == pytest.approx(0.028)
         seen = []
-        real_step = musbo_mod.trpo_step
+        real_step = bremen_mod.trpo_step
 
         def spy(loss_module, optimizer, td):
             seen.append((loss_module, td.clone()))
             return real_step(loss_module, optimizer, td)
 
-        monkeypatch.setattr(musbo_mod, "trpo_step", spy)
+        monkeypatch.setattr(bremen_mod, "trpo_step", spy)  # BREMEN runs the MUSBO loop
         state = {k: v.clone() for k, v in algo.actor.state_dict().items()}
         stats = algo.trpo_iteration(loss, optim)
         algo.actor.load_state_dict(state)
@@ -166,13 +166,13 @@ class TestMUSBO:
     def test_weighted_bc_uses_eq9_labels(self, after_first, monkeypatch):
         algo, _, _ = after_first
         seen = {}
-        real_train = musbo_mod.train_bc
+        real_train = bremen_mod.train_bc
 
         def spy(actor, data, **kw):
             seen["data"], seen["weight_key"] = data, kw["weight_key"]
             return real_train(actor, data, **kw)
 
-        monkeypatch.setattr(musbo_mod, "train_bc", spy)
+        monkeypatch.setattr(bremen_mod, "train_bc", spy)
         data = algo._dataset("all")
         n, d = data["observation"].shape
         # stand-in labeler means: member 0 off by a known squared error per row, others far off

@@ -600,6 +600,7 @@ class BREMEN:
         cfg = self.config
         data = self._dataset(cfg.bc_data)
         validate_offline_dataset(data)
+        data, weight_key, out = self._bc_weights(data)
         o, a = self.task.observation_dim, self.task.action_dim
         bc = make_gaussian_actor(
             o, a, num_cells=cfg.policy_num_cells, sigma=cfg.sigma, learn_sigma=False,
@@ -608,7 +609,7 @@ class BREMEN:
         info = train_bc(
             bc, data, lr=cfg.bc_lr, batch_size=cfg.bc_batch_size, holdout_ratio=cfg.holdout_ratio,
             max_epochs=cfg.bc_max_epochs, patience=cfg.bc_patience, loss_type="mse",
-            seed=cfg.seed + self.deployment,
+            weight_key=weight_key, seed=cfg.seed + self.deployment,
         )
         sigma = cfg.bc_init_sigma if cfg.bc_init_sigma is not None else cfg.sigma
         bc.module[0].module.set_sigma(sigma)
@@ -617,7 +618,16 @@ class BREMEN:
             # pi_theta0 = Normal(pi_beta_hat, sigma) (Alg. 1 line 6; sigma: see module doc)
             self.policy_net.load_mean_from(bc.module[0].module)
             self.policy_net.set_sigma(sigma)
-        return {"bc/holdout_loss": float(info["holdout_loss"]), "bc/epochs": float(info["epochs"])}
+        out.update({"bc/holdout_loss": float(info["holdout_loss"]), "bc/epochs": float(info["epochs"])})
+        return out
+
+    def _bc_weights(self, data: TensorDictBase) -> tuple[TensorDictBase, str | None, dict[str, float]]:
+        """Per-sample BC weights (hook): BREMEN's eq. (3) is unweighted.
+
+        Returns the data (possibly with a weight entry), the weight key (``None``: unweighted) and
+        metrics to log. MUSBO overrides it with eq. (11).
+        """
+        return data, None, {}
 
     def _start_state_pool(self) -> torch.Tensor:
         cfg = self.config
@@ -663,7 +673,7 @@ class BREMEN:
             if self.bc_actor is None:
                 raise RuntimeError("explicit_kl_coef > 0 needs the BC policy: run behaviour_clone first")
             kwargs = dict(kl_to_reference_coef=cfg.explicit_kl_coef, reference_actor=self.bc_actor)
-        loss = TRPOLoss(self.actor, self.baseline, normalize_advantage=cfg.normalize_advantage, **kwargs)
+        loss = self._make_trpo_loss(**kwargs)
         loss.make_value_estimator(ValueEstimators.GAE, gamma=cfg.gamma, lmbda=cfg.gae_lambda)
         optim = ConjugateGradientTrustRegion(
             loss.actor_network_params, max_kl=cfg.max_kl, damping=cfg.cg_damping,
@@ -671,6 +681,10 @@ class BREMEN:
             accept_ratio=cfg.accept_ratio, check_kl=cfg.check_kl,
         )
         return loss, optim
+
+    def _make_trpo_loss(self, **kwargs: Any) -> TRPOLoss:
+        """The eq. (4) loss (hook; MUSBO returns eq. (13)'s uncertainty-weighted one)."""
+        return TRPOLoss(self.actor, self.baseline, normalize_advantage=self.config.normalize_advantage, **kwargs)
 
     def imaginary_rollout(self) -> TensorDictBase:
         """Eq. (2): ``trpo_batch_size // rollout_length`` rollouts of ``rollout_length`` steps."""
@@ -683,7 +697,7 @@ class BREMEN:
 
     def trpo_iteration(self, loss: TRPOLoss, optim: ConjugateGradientTrustRegion) -> dict[str, float]:
         """Alg. 1 lines 8-9: one imaginary batch, GAE with the linear baseline, one eq. (4) step."""
-        rollout = self.imaginary_rollout()
+        rollout = self.policy_batch()
         info = trpo_step(loss, optim, rollout)
         self.baseline.fit(rollout, gamma=self.config.gamma)
         ret = rollout.get(("next", "reward")).sum(-2).mean()
@@ -692,7 +706,16 @@ class BREMEN:
             "train/trpo_kl": float(info["kl"]),
             "train/trpo_accepted": float(info["accepted"]),
             "train/trpo_improvement": float(info["improvement"]),
+            **self._batch_metrics(loss, rollout),
         }
+
+    def policy_batch(self) -> TensorDictBase:
+        """The batch of one TRPO iteration (hook): :meth:`imaginary_rollout` (MUSBO adds labels)."""
+        return self.imaginary_rollout()
+
+    def _batch_metrics(self, loss: TRPOLoss, rollout: TensorDictBase) -> dict[str, float]:
+        """Extra per-iteration metrics of a TRPO batch (hook; none for BREMEN)."""
+        return {}
 
     def optimize_policy(self, iterations: int | None = None) -> dict[str, float]:
         """Alg. 1 line 7-9: ``T`` TRPO iterations on imaginary rollouts (resumable)."""

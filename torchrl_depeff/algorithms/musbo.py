@@ -63,23 +63,17 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torchrl._utils import logger as torchrl_logger
 from torchrl.envs.utils import ExplorationType
-from torchrl.objectives.utils import ValueEstimators
 
-from torchrl_depeff.algorithms.bremen import _ACTIVATIONS, BREMEN, BREMENConfig
-from torchrl_depeff.collectors.deployment import freeze_policy
-from torchrl_depeff.data.datasets import validate_offline_dataset
+from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig
 from torchrl_depeff.metrics import deployment_metrics
-from torchrl_depeff.modules.actors import make_gaussian_actor, UncertaintyActionNoise
+from torchrl_depeff.modules.actors import UncertaintyActionNoise
 from torchrl_depeff.modules.labeler import (
     bc_weights,
     ExplorationUncertainty,
     LabelerDisagreement,
     UncertaintyLabeler,
 )
-from torchrl_depeff.objectives.bc import train_bc
-from torchrl_depeff.objectives.trpo import trpo_step
 from torchrl_depeff.objectives.uw_trpo import UncertaintyWeightedTRPOLoss
-from torchrl_depeff.optim.trust_region import ConjugateGradientTrustRegion
 
 __all__ = [
     "MUSBOConfig",
@@ -487,69 +481,38 @@ class MUSBO(BREMEN):
         return out
 
     # ------------------------------------------------------------------ eq. (11)
-    def behaviour_clone(self) -> dict[str, float]:
-        """Eq. (11): BC on ``bc_data`` weighted by the eq. (9) labels, then re-initialise the policy.
+    def _bc_weights(self, data: TensorDictBase) -> tuple[TensorDictBase, str | None, dict[str, float]]:
+        """Eq. (11) weights for BREMEN's BC phase (BC network, sigma reset, Alg. 1 line 6).
 
-        Same as BREMEN's phase (BC network, sigma reset, Alg. 1 line 6) except for the weights.
+        The eq. (9) labels go to ``"uncertainty"`` and the weights to ``"bc_weight"``. If every
+        weight is 0 (every eq. (9) error >= 1) BC would not move: it clones with uniform weights
+        instead, with a warning and ``bc/uniform_fallback = 1``.
         """
         cfg = self.config
         if not self.labeler_fitted:
             raise RuntimeError("weighted BC (eq. 11) needs a fitted labeler: run fit_model first")
-        data = self._dataset(cfg.bc_data)
-        validate_offline_dataset(data)
-        out: dict[str, float] = {}
-        weight_key = None
-        if cfg.weighted_bc:
-            data = self.labeler(data)  # eq. (9) -> "uncertainty"
-            bc_weights(data, normalize=cfg.bc_weight_normalize)  # eq. (11) -> "bc_weight"
-            weight_key = "bc_weight"
-            out["bc/weight_mean"] = float(data["bc_weight"].mean())
-            if not bool((data["bc_weight"] > 0).any()):
-                # every eq. (9) error >= 1: eq. (11) would be 0 everywhere and BC would not move
-                torchrl_logger.warning(
-                    f"deployment {self.deployment}: every eq. (11) BC weight is 0 (labeler errors >= 1); "
-                    "cloning with uniform weights instead"
-                )
-                weight_key = None
-            out["bc/uniform_fallback"] = float(weight_key is None)
-        o, a = self.task.observation_dim, self.task.action_dim
-        bc = make_gaussian_actor(
-            o, a, num_cells=cfg.policy_num_cells, sigma=cfg.sigma, learn_sigma=False,
-            activation=_ACTIVATIONS[cfg.policy_activation],
-        ).to(self.device)
-        info = train_bc(
-            bc, data, lr=cfg.bc_lr, batch_size=cfg.bc_batch_size, holdout_ratio=cfg.holdout_ratio,
-            max_epochs=cfg.bc_max_epochs, patience=cfg.bc_patience, loss_type="mse",
-            weight_key=weight_key, seed=cfg.seed + self.deployment,
-        )
-        sigma = cfg.bc_init_sigma if cfg.bc_init_sigma is not None else cfg.sigma
-        bc.module[0].module.set_sigma(sigma)
-        self.bc_actor = freeze_policy(bc)
-        if cfg.bc_reinit or not cfg.policy_optimization:
-            self.policy_net.load_mean_from(bc.module[0].module)
-            self.policy_net.set_sigma(sigma)
-        out.update({"bc/holdout_loss": float(info["holdout_loss"]), "bc/epochs": float(info["epochs"])})
-        return out
+        if not cfg.weighted_bc:
+            return data, None, {}
+        data = self.labeler(data)  # eq. (9) -> "uncertainty"
+        bc_weights(data, normalize=cfg.bc_weight_normalize)  # eq. (11) -> "bc_weight"
+        weight_key = "bc_weight"
+        out = {"bc/weight_mean": float(data["bc_weight"].mean())}
+        if not bool((data["bc_weight"] > 0).any()):
+            torchrl_logger.warning(
+                f"deployment {self.deployment}: every eq. (11) BC weight is 0 (labeler errors >= 1); "
+                "cloning with uniform weights instead"
+            )
+            weight_key = None
+        out["bc/uniform_fallback"] = float(weight_key is None)
+        return data, weight_key, out
 
     # ------------------------------------------------------------------ eq. (12)-(13)
-    def _loss(self) -> tuple[UncertaintyWeightedTRPOLoss, ConjugateGradientTrustRegion]:
-        """Eq. (13): :class:`UncertaintyWeightedTRPOLoss` with GAE and the trust-region optimizer."""
+    def _make_trpo_loss(self, **kwargs: Any) -> UncertaintyWeightedTRPOLoss:
+        """Eq. (13): :class:`UncertaintyWeightedTRPOLoss` (BREMEN's GAE and trust region around it)."""
         cfg = self.config
-        kwargs = {}
-        if cfg.explicit_kl_coef > 0:
-            if self.bc_actor is None:
-                raise RuntimeError("explicit_kl_coef > 0 needs the BC policy: run behaviour_clone first")
-            kwargs = dict(kl_to_reference_coef=cfg.explicit_kl_coef, reference_actor=self.bc_actor)
-        loss = UncertaintyWeightedTRPOLoss(
+        return UncertaintyWeightedTRPOLoss(
             self.actor, self.baseline, alpha=cfg.alpha, normalize_advantage=cfg.normalize_advantage, **kwargs,
         )
-        loss.make_value_estimator(ValueEstimators.GAE, gamma=cfg.gamma, lmbda=cfg.gae_lambda)
-        optim = ConjugateGradientTrustRegion(
-            loss.actor_network_params, max_kl=cfg.max_kl, damping=cfg.cg_damping,
-            cg_iters=cfg.cg_iterations, backtrack_iters=cfg.line_search_steps,
-            accept_ratio=cfg.accept_ratio, check_kl=cfg.check_kl,
-        )
-        return loss, optim
 
     def label_rollout(self, rollout: TensorDictBase) -> TensorDictBase:
         """Eq. (12): write ``d^2`` of a random labeler pair (one per rollout) as ``"uncertainty"``."""
@@ -557,18 +520,14 @@ class MUSBO(BREMEN):
             raise RuntimeError("eq. (12) labels need a fitted labeler: run fit_model first")
         return self.disagreement(rollout)
 
-    def trpo_iteration(self, loss: UncertaintyWeightedTRPOLoss, optim: ConjugateGradientTrustRegion) -> dict[str, float]:
-        """One imaginary batch, eq. (12) labels on it, one eq. (13) step; baseline refit."""
-        rollout = self.label_rollout(self.imaginary_rollout())
+    def policy_batch(self) -> TensorDictBase:
+        """One imaginary batch with its eq. (12) labels."""
+        return self.label_rollout(self.imaginary_rollout())
+
+    def _batch_metrics(self, loss: UncertaintyWeightedTRPOLoss, rollout: TensorDictBase) -> dict[str, float]:
+        """Mean and min of the eq. (12) weights of the batch."""
         weight = loss.uncertainty_weight(rollout)
-        info = trpo_step(loss, optim, rollout)
-        self.baseline.fit(rollout, gamma=self.config.gamma)
-        ret = rollout.get(("next", "reward")).sum(-2).mean()
         return {
-            "train/imaginary_return": float(ret),
-            "train/trpo_kl": float(info["kl"]),
-            "train/trpo_accepted": float(info["accepted"]),
-            "train/trpo_improvement": float(info["improvement"]),
             "train/uncertainty_weight": float(weight.mean()),
             "train/uncertainty_weight_min": float(weight.min()),
         }
