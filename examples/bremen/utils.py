@@ -118,6 +118,11 @@ def summary_table(history: list[dict[str, float]]) -> str:
         ("train/kl_to_deployed", "KL(pi||deployed)", "{:.3g}"),
         ("train/kl_to_bc", "KL(pi||BC)", "{:.3g}"),
     ]
+    return markdown_table(history, cols)
+
+
+def markdown_table(history: list[dict[str, float]], cols: list[tuple[str, str, str]]) -> str:
+    """Markdown table, one row per deployment; ``cols``: (metric key, header, format)."""
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for h in history:
         cells = [fmt.format(h[key]) if key in h else "-" for key, _, fmt in cols]

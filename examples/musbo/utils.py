@@ -11,7 +11,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from examples.bremen.utils import make_logger, plot_returns, summary_table, write_json_atomic
+from examples.bremen.utils import (
+    make_logger,
+    markdown_table,
+    plot_returns,
+    summary_table,
+    write_json_atomic,
+)
 from torchrl_depeff.algorithms.musbo import BUDGETS, MUSBO_VARIANTS, MUSBOConfig
 
 __all__ = [
@@ -64,11 +70,7 @@ def metrics_table(history: list[dict[str, float]]) -> str:
         ("metrics/energy_distance", "energy distance", "{:.3g}"),
         ("metrics/trajectory_mse", "trajectory MSE", "{:.3g}"),
     ]
-    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    for h in history:
-        cells = [fmt.format(h[key]) if key in h else "-" for key, _, fmt in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(history, cols)
 
 
 def plot_comparison(runs: dict[str, list[dict[str, float]]], path: Path, title: str) -> Path:
