@@ -13,7 +13,9 @@ average):
 * ``plain_loop``: a plain single-env gymnasium loop (obs -> torch -> policy -> numpy -> step,
   reset on done): the baseline a user would write by hand.
 * ``single_vector``: ``collect_deployment(collector="single")`` on
-  ``make_vector_env("halfcheetah", n)`` for each ``--num-envs`` and auto-reset mode, end to end
+  ``make_vector_env("halfcheetah", n, backend=...)`` for each ``--num-envs``, each ``--backends``
+  (``"native"``: our lean ``NativeVectorEnv``, auto-reset mode not used; ``"gym_wrapper"``: TorchRL's
+  ``GymWrapper`` + transforms, once per auto-reset mode in ``--modes``), end to end
   (env construction excluded, collector construction included), ``ratio`` = tps / plain_loop tps
   (target >= 1.5); ``single_vector_best`` names the best configuration.
 * ``raw_vector_loop``: a hand-written loop over a gymnasium ``SyncVectorEnv`` of ``--raw-num-envs``
@@ -110,9 +112,11 @@ def raw_vector_loop(net: nn.Module, num_envs: int, steps: int) -> float:
     return tps
 
 
-def single_vector(policy: nn.Module, noise: nn.Module, num_envs: int, mode: str, steps: int) -> float:
+def single_vector(
+    policy: nn.Module, noise: nn.Module, num_envs: int, mode: str, steps: int, backend: str = "native"
+) -> float:
     """Transitions/s of one in-process deployment on a batched env (collector start-up included)."""
-    env = make_vector_env("halfcheetah", num_envs, seed=0, autoreset_mode=mode)
+    env = make_vector_env("halfcheetah", num_envs, seed=0, autoreset_mode=mode, backend=backend)
     t0 = time.perf_counter()
     data, _ = collect_deployment(
         policy, env, steps, exploration=noise, deployment=0, policy_version=0,
@@ -162,6 +166,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run (~1.5 min, not for the record)")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--modes", nargs="+", default=["same_step", "disabled"])
+    parser.add_argument("--backends", nargs="+", default=["native", "gym_wrapper"], choices=["native", "gym_wrapper"])
     parser.add_argument("--steps", type=int, default=20_000, help="transitions per single_vector timing")
     parser.add_argument("--raw-num-envs", type=int, default=64, help="envs of the raw_vector_loop ceiling")
     parser.add_argument("--worker-envs", type=int, default=16)
@@ -186,20 +191,25 @@ def main() -> None:
         # plain loop vs in-process batched collection, interleaved rounds, best of rounds
         best: dict[str, float] = {}
         plain_steps = max(steps // 4, 500)
+        # (backend, auto-reset mode): the native backend has no auto-reset mode
+        configs = [("native", "disabled")] if "native" in args.backends else []
+        if "gym_wrapper" in args.backends:
+            configs += [("gym_wrapper", mode) for mode in args.modes]
         for _ in range(rounds):
             best["plain"] = max(best.get("plain", 0.0), plain_loop(net, plain_steps))
             best["raw"] = max(best.get("raw", 0.0), raw_vector_loop(net, args.raw_num_envs, steps))
-            for mode in args.modes:
+            for backend, mode in configs:
                 for n in args.num_envs:
-                    key = f"{mode}/{n}"
-                    best[key] = max(best.get(key, 0.0), single_vector(policy, noise, n, mode, steps))
+                    key = f"{backend}/{mode}/{n}" if backend == "gym_wrapper" else f"native/{n}"
+                    best[key] = max(best.get(key, 0.0), single_vector(policy, noise, n, mode, steps, backend))
         emit({"figure": "plain_loop", "tps": round(best["plain"], 1), "steps": plain_steps, "rounds": rounds})
-        for mode in args.modes:
+        for backend, mode in configs:
             for n in args.num_envs:
-                tps = best[f"{mode}/{n}"]
+                tps = best[f"{backend}/{mode}/{n}" if backend == "gym_wrapper" else f"native/{n}"]
                 emit({
-                    "figure": "single_vector", "autoreset_mode": mode, "num_envs": n, "steps": steps,
-                    "rounds": rounds, "tps": round(tps, 1), "ratio": round(tps / best["plain"], 3),
+                    "figure": "single_vector", "backend": backend,
+                    "autoreset_mode": mode if backend == "gym_wrapper" else None, "num_envs": n,
+                    "steps": steps, "rounds": rounds, "tps": round(tps, 1), "ratio": round(tps / best["plain"], 3),
                     "target": 1.5,
                 })
         emit({
@@ -224,7 +234,8 @@ def main() -> None:
                 tps = multisync_steady(deployed, w, args.worker_envs, mode, args.batches, spb)
                 steady[w] = max(steady.get(w, 0.0), tps)
         emit({
-            "figure": "multisync_workers_steady", "autoreset_mode": mode, "worker_envs": args.worker_envs,
+            "figure": "multisync_workers_steady", "backend": "native (make_vector_env default)",
+            "autoreset_mode": mode, "worker_envs": args.worker_envs,
             "timed_batches": args.batches - 1, "rounds": rounds, "tps_1_worker": round(steady[1], 1),
             "tps_2_workers": round(steady[2], 1), "ratio": round(steady[2] / steady[1], 3), "target": 1.7,
             "met": steady[2] / steady[1] >= 1.7,
