@@ -15,8 +15,9 @@ Backends (``make_vector_env(..., backend=...)``):
   ``SyncVectorEnv`` with auto-reset disabled, steps its sub-envs into preallocated numpy buffers,
   converts once to float32 torch, computes the task reward in torch on the batch and resets only
   finished sub-envs through TorchRL's ``"_reset"`` mask. Measured faster than ``GymWrapper``
-  (``benchmarks/bench_collect.py``, 2 cores, 2026-11-23: ``collect_deployment`` at 128 envs
-  1.68x a plain single-env loop, vs 1.24x ``"same_step"`` and 1.47x ``"disabled"``; a profile at
+  (``benchmarks/bench_collect.py``, 2 cores, 2026-11-23, two runs: ``collect_deployment`` at 128
+  envs 1.68x / 1.47x a plain single-env loop, vs 1.47x / 1.20x for ``"gym_wrapper"`` with
+  ``"disabled"`` and 1.24x for ``"same_step"``; a profile at
   64 envs puts over 90 % of ``NativeVectorEnv._step`` inside the gymnasium sub-env steps). The
   ``autoreset_mode`` argument does not apply to it.
 * ``"gym_wrapper"``: TorchRL's ``GymWrapper`` + ``DoubleToFloat`` + ``TaskReward``, described
