@@ -5,7 +5,7 @@ from torchrl_depeff.envs import rewards
 from torchrl_depeff.envs.model_env import EnsembleModelEnv, MEMBER_SELECTIONS, UNCERTAINTY_KEYS
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.envs.tasks import get_task, make_env, TASK_NAMES, TaskReward, TaskSpec
-from torchrl_depeff.envs.vector import AUTORESET_MODES, make_vector_env
+from torchrl_depeff.envs.vector import AUTORESET_MODES, make_vector_env, NativeVectorEnv
 from torchrl_depeff.envs.vmas_task import (
     balance_reward,
     JointAgentsEnv,
@@ -20,6 +20,7 @@ __all__ = [
     "HardUncertaintyPenalty",
     "JointAgentsEnv",
     "MEMBER_SELECTIONS",
+    "NativeVectorEnv",
     "SoftUncertaintyPenalty",
     "TASK_NAMES",
     "TaskReward",
