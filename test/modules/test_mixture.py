@@ -51,6 +51,25 @@ class TestTanhGaussianMixture:
         )
         assert dist.log_prob(a).item() == pytest.approx(expected, rel=1e-10)
 
+    def test_log_prob_direct_mixture_formula_five_components(self):
+        # MB2PO's 5-component actor: log sum_k w_k prod_j N(atanh a_j; mu_kj, s_kj) / (1 - a_j^2),
+        # written out with scalar math (no torch.distributions) for every row
+        logits, loc, scale = _params(batch=(6,), k=5, d=3)
+        a = torch.rand(6, 3, dtype=torch.float64) * 1.8 - 0.9
+        lp = TanhGaussianMixture(logits, loc, scale).log_prob(a)
+        for b in range(6):
+            w = [math.exp(x) for x in logits[b].tolist()]
+            w = [x / sum(w) for x in w]
+            density = 0.0
+            for k in range(5):
+                comp = w[k]
+                for j in range(3):
+                    u, mu, s = math.atanh(a[b, j].item()), loc[b, k, j].item(), scale[b, k, j].item()
+                    comp *= math.exp(-0.5 * ((u - mu) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+                    comp /= 1 - a[b, j].item() ** 2
+                density += comp
+            assert lp[b].item() == pytest.approx(math.log(density), rel=1e-9)
+
     def test_log_prob_mixture_weights_matter(self):
         # two well separated components: log-prob near component 0 changes with its weight
         loc = torch.tensor([[[-1.0], [1.0]]], dtype=torch.float64)
