@@ -376,3 +376,21 @@ def test_pipeline_on_model_env_rollout(one_thread):
     rollout["advantage"] = torch.randn(4, 6, 1)
     out = UncertaintyWeightedTRPOLoss(actor)(rollout)
     torch.testing.assert_close(out["uncertainty_weight"], torch.exp(-0.028 * d2).mean())
+
+
+def test_exploration_without_aleatoric_part_uses_member_disagreement_only():
+    labeler = _small_labeler(K=3)
+    # same member means as above, but a large predicted variance on every dim
+    _set_member_outputs(labeler, torch.tensor([[0.0, 0.0], [0.2, 0.0], [0.0, 0.4]]), raw_logvar=0.0)
+    obs = torch.randn(16, OBS)
+    td = TensorDict(observation=obs, action=torch.zeros(16, ACT), batch_size=[16])
+    pred = labeler.ensemble.predict(obs[:1], torch.zeros(1, ACT))
+    aleatoric = pred.scale.pow(2).sum(-1).mean().item()
+    assert aleatoric > 0.1  # the variance term is not negligible here
+    with_var = ExplorationUncertainty(labeler)(td.clone())["uncertainty"]
+    without = ExplorationUncertainty(labeler, aleatoric=False)(td.clone())["uncertainty"]
+    # best member's mean disagreement (0.2/3), with and without the predicted variance, clipped
+    torch.testing.assert_close(without, torch.full((16, 1), 0.2 / 3))
+    expected = min(1.0, expected_sq_error(pred.loc, pred.scale).amin(0).item())
+    torch.testing.assert_close(with_var, torch.full((16, 1), expected))
+    assert expected > 0.2 / 3 + 0.1

@@ -136,6 +136,9 @@ class MUSBOConfig(BREMENConfig):
         uncertainty_exploration (bool): eq. (22) deployment noise (``False``: BREMEN's). Defaults
             to ``True``.
         exploration_mode (str): ``"error"`` (default) or ``"support"`` (see module doc).
+        exploration_aleatoric (bool): count the labeler's predicted variance in the eq. (22)
+            expected error (see :class:`~torchrl_depeff.modules.ExplorationUncertainty`).
+            Defaults to ``True``.
         exploration_const_std (float): std of ``const`` in eq. (22). Defaults to 0.1.
         exploration_uncertainty_is (str): ``"variance"`` (default) or ``"std"``.
         metrics (bool): compute the analysis metrics in ``evaluate``. Defaults to ``True``.
@@ -172,6 +175,7 @@ class MUSBOConfig(BREMENConfig):
     bc_weight_normalize: bool = False
     uncertainty_exploration: bool = True
     exploration_mode: str = "error"
+    exploration_aleatoric: bool = True
     exploration_const_std: float = 0.1
     exploration_uncertainty_is: str = "variance"
     metrics: bool = True
@@ -434,7 +438,9 @@ class MUSBO(BREMEN):
         cfg = self.config
         key = "exploration_variance"
         return TensorDictSequential(
-            ExplorationUncertainty(self.labeler, mode=cfg.exploration_mode, out_key=key),
+            ExplorationUncertainty(
+                self.labeler, mode=cfg.exploration_mode, aleatoric=cfg.exploration_aleatoric, out_key=key,
+            ),
             UncertaintyActionNoise(
                 cfg.exploration_const_std, uncertainty_key=key, uncertainty_is=cfg.exploration_uncertainty_is,
             ),
@@ -466,7 +472,9 @@ class MUSBO(BREMEN):
             probe = TensorDict(
                 {"observation": latest["observation"][idx], "action": latest["loc"][idx]}, [idx.numel()]
             ).to(self.device)
-            var = ExplorationUncertainty(self.labeler, mode=cfg.exploration_mode)(probe)["uncertainty"]
+            var = ExplorationUncertainty(
+                self.labeler, mode=cfg.exploration_mode, aleatoric=cfg.exploration_aleatoric,
+            )(probe)["uncertainty"]
             out["deployment/exploration_variance"] = float(var.mean())
         return out
 
