@@ -324,7 +324,7 @@ def test_exploration_noise_has_labeler_variance():
     n = 40000
     obs = torch.randn(n, OBS)
     td = TensorDict(observation=obs, action=torch.zeros(n, ACT), batch_size=[n])
-    ExplorationUncertainty(labeler)(td)
+    ExplorationUncertainty(labeler, mode="error")(td)
     pred = labeler.ensemble.predict(obs[:1], torch.zeros(1, ACT))
     # expected errors per member (aleatoric part ~e^-10 per dim): 0.0667, 0.08, 0.1067 -> best member
     e = expected_sq_error(pred.loc, pred.scale).amin(0).item()
@@ -387,10 +387,20 @@ def test_exploration_without_aleatoric_part_uses_member_disagreement_only():
     pred = labeler.ensemble.predict(obs[:1], torch.zeros(1, ACT))
     aleatoric = pred.scale.pow(2).sum(-1).mean().item()
     assert aleatoric > 0.1  # the variance term is not negligible here
-    with_var = ExplorationUncertainty(labeler)(td.clone())["uncertainty"]
-    without = ExplorationUncertainty(labeler, aleatoric=False)(td.clone())["uncertainty"]
+    with_var = ExplorationUncertainty(labeler, mode="error")(td.clone())["uncertainty"]
+    epistemic = ExplorationUncertainty(labeler, mode="error", aleatoric=False)
+    without = epistemic(td.clone())["uncertainty"]
     # best member's mean disagreement (0.2/3), with and without the predicted variance, clipped
     torch.testing.assert_close(without, torch.full((16, 1), 0.2 / 3))
     expected = min(1.0, expected_sq_error(pred.loc, pred.scale).amin(0).item())
     torch.testing.assert_close(with_var, torch.full((16, 1), expected))
     assert expected > 0.2 / 3 + 0.1
+
+
+def test_exploration_default_is_eq22_as_printed():
+    labeler = _small_labeler(K=3)
+    _set_member_outputs(labeler, torch.tensor([[0.0, 0.0], [0.2, 0.0], [0.0, 0.4]]))
+    td = TensorDict(observation=torch.randn(8, OBS), action=torch.zeros(8, ACT), batch_size=[8])
+    default = ExplorationUncertainty(labeler)(td.clone())["uncertainty"]
+    error = ExplorationUncertainty(labeler, mode="error")(td.clone())["uncertainty"]
+    torch.testing.assert_close(default, 1 - error)  # U_hat = 1 - clip(e), eq. (9)/(22)

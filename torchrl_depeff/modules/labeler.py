@@ -549,11 +549,13 @@ class ExplorationUncertainty(TensorDictModuleBase):
 
     ``mode`` picks what becomes the variance:
 
-    * ``"error"`` (default): ``clip(e, 0, 1)``, the clipped expected error (``1 - U_hat``), so
-      the noise is largest where the labeler is unsure. This follows the text ("taking the
-      actions which lead to maximal prediction error ... leads to novel experience discovery");
-    * ``"support"``: ``U_hat = 1 - clip(e, 0, 1)``, eq. (22) as printed (largest noise where
-      the data support is high).
+    * ``"support"`` (default): ``U_hat = 1 - clip(e, 0, 1)``, eq. (22) as printed (largest
+      noise where the data support is high);
+    * ``"error"``: ``clip(e, 0, 1)``, the clipped expected error (``1 - U_hat``), so the noise
+      is largest where the labeler is unsure, as the text reads ("taking the actions which lead
+      to maximal prediction error ... leads to novel experience discovery"). Measured on
+      HalfCheetah at MUSBO's quick scale, it saturates at the clip (std ~1 noise) and wrecks the
+      deployments (see :mod:`torchrl_depeff.algorithms.musbo`).
 
     Members are combined as in eq. (9) (``member_reduction="equation"``: the best member, i.e.
     the smallest error; ``"max_error"``: the largest), taken from the labeler. Write it before
@@ -564,7 +566,7 @@ class ExplorationUncertainty(TensorDictModuleBase):
         labeler (UncertaintyLabeler): the fitted labeler.
 
     Keyword Args:
-        mode (str): ``"error"`` or ``"support"``. Defaults to ``"error"``.
+        mode (str): ``"support"`` or ``"error"``. Defaults to ``"support"``.
         aleatoric (bool): include the members' predicted variance in the expected error
             (:func:`expected_sq_error`). ``False`` keeps only the epistemic part (member
             disagreement). Measured on HalfCheetah at the MUSBO quick preset (4000 samples per
@@ -592,7 +594,7 @@ class ExplorationUncertainty(TensorDictModuleBase):
         self,
         labeler: UncertaintyLabeler,
         *,
-        mode: str = "error",
+        mode: str = "support",
         aleatoric: bool = True,
         action_key: NestedKey = "action",
         out_key: NestedKey = "uncertainty",
