@@ -22,7 +22,7 @@ differentiates through them, so no gradient reaches the labeler from the policy 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import torch
 from tensordict import TensorDictBase
@@ -31,7 +31,9 @@ from tensordict.utils import NestedKey
 from torch import nn
 
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
-from torchrl_depeff.trainers.dynamics import EnsembleTrainer, FitResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torchrl_depeff.trainers.dynamics import FitResult
 
 __all__ = [
     "UncertaintyLabeler",
@@ -354,6 +356,10 @@ class UncertaintyLabeler(TensorDictModuleBase):
             observation_dim, action_dim, num_members=num_members, num_cells=num_cells,
             activation=activation, probabilistic=True, predict_reward=False,
         )
+        # imported here: trainers -> objectives -> modules would otherwise be a cycle when
+        # ``torchrl_depeff.objectives`` is the first package a script imports
+        from torchrl_depeff.trainers.dynamics import EnsembleTrainer
+
         self.trainer = EnsembleTrainer(
             self.ensemble, lr=lr, batch_size=batch_size, holdout_ratio=holdout_ratio,
             patience=patience, max_epochs=max_epochs, loss_type="nll", seed=seed, logger=logger,
