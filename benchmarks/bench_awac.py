@@ -3,12 +3,19 @@
 Figures (one JSON line each):
 
 * ``awac_update_ours``: AWAC steps/s of :class:`~torchrl_depeff.algorithms.MB2PO`'s update
-  (``AWACLoss`` with vmapped critics + Adam for actor and critics + ``SoftUpdate``);
+  (``AWACLoss`` with its default ``critic_kernel="auto"``, a per-critic loop on CPU, + Adam for
+  actor and critics + ``SoftUpdate``); ``awac_update_ours_vmap`` the same with
+  ``critic_kernel="vmap"`` (TorchRL's vmapped critics), timed in the same interleaved rounds;
 * ``awac_update_reference``: the same update written as a plain single-file PyTorch
   implementation below (a GMM actor, separate Q networks evaluated in a Python loop, Adam, a
   parameter loop for the soft update), same network sizes and batch;
 * ``awac_update_speedup``: ours / reference, measured in the same run with interleaved rounds
   (median over rounds);
+* ``gemm_bound``: the matrix-multiply FLOPs of one update (counted from the layer sizes: ours
+  runs the online critics at the dataset pairs once, the reference twice), the best fp32 GEMM
+  rate measured on this machine for the update's layer shapes, and the resulting lower bound on
+  the time of *any* implementation of the same update; ``max_speedup_vs_reference`` =
+  reference time / that bound (what a perfect implementation with zero non-GEMM cost would get);
 * ``branched_rollout``: imagined transitions/s of ``MB2PO.collect_model_rollouts`` (5-member
   4 x 200 swish probabilistic ensemble, elites, per-sample members, cov-Frobenius penalty,
   the 4 x 256 GMM actor), buffer insertion included.
@@ -186,6 +193,40 @@ def copy_weights_and_check(algo: MB2PO, ref: ReferenceAWAC, batch: TensorDict) -
     }
 
 
+def mlp_macs(sizes: list[int]) -> int:
+    return sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+
+
+def update_gemm_flops(o: int, a: int, cells: list[int], k: int, n_q: int, n_v: int, b: int, *, reuse: bool) -> float:
+    """Matrix-multiply FLOPs (2 per multiply-add) of one AWAC update.
+
+    Forward passes: actor at s (with grad) and s'; critics at (s, a) with grad, at (s, a_i) for
+    ``n_v`` policy samples, target critics at (s', a'); the reference also re-runs the online
+    critics at (s, a) without grad (``reuse=False``). A backward pass costs two GEMMs per layer
+    (weight and input gradients) except the input gradient of the first layer.
+    """
+    actor = mlp_macs([o, *cells, k * (1 + 2 * a)])
+    critic = mlp_macs([o + a, *cells, 1])
+    fwd = b * (2 * actor) + n_q * b * critic * (1 + n_v + 1 + (0 if reuse else 1))
+    bwd = b * (2 * actor - o * cells[0]) + n_q * b * (2 * critic - (o + a) * cells[0])
+    return 2.0 * (fwd + bwd)
+
+
+def best_gemm_rate(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
+    """Highest fp32 ``addmm`` FLOP/s measured over ``shapes`` (``[m, k] @ [k, n]``)."""
+    best = 0.0
+    for m, kk, n in shapes:
+        x, w, bias = torch.randn(m, kk), torch.randn(kk, n), torch.randn(n)
+        torch.addmm(bias, x, w)
+        reps = max(1, int(2e9 // (2 * m * kk * n)))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.addmm(bias, x, w)
+            best = max(best, reps * 2.0 * m * kk * n / (time.perf_counter() - t0))
+    return best
+
+
 def time_steps(fn, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -229,7 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     term = batch["next", "terminated"].squeeze(-1).float()
 
     # same batch for both (sampling excluded; it is timed separately below)
+    loss = algo.loss_module
+
     def ours():
+        loss.critic_kernel = "auto"
+        algo._awac_step(batch)
+
+    def ours_vmap():
+        loss.critic_kernel = "vmap"
         algo._awac_step(batch)
 
     def reference():
@@ -239,20 +287,44 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"figure": "reference_check", **check}))
     if max(check.values()) > 1e-3:
         raise RuntimeError(f"the reference does not compute the same update as ours: {check}")
-    ours(), reference()  # warm-up
-    r_ours, r_ref, ratios = [], [], []
-    for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
+    ours(), ours_vmap(), reference()  # warm-up
+    r_ours, r_vmap, r_ref, ratios, ratios_vmap = [], [], [], [], []
+    for _ in range(args.rounds):  # interleaved rounds: all see the same machine load
         so = time_steps(ours, args.steps)
+        sv = time_steps(ours_vmap, args.steps)
         sr = time_steps(reference, args.steps)
         r_ours.append(so)
+        r_vmap.append(sv)
         r_ref.append(sr)
         ratios.append(so / sr)
+        ratios_vmap.append(sv / sr)
+    loss.critic_kernel = "auto"
     common = {"batch_size": b, "num_cells": args.num_cells, "num_value_samples": args.num_value_samples,
               "num_qvalue_nets": 2, "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps}
-    print(json.dumps({"figure": "awac_update_ours", "steps_per_s": statistics.median(r_ours), **common}))
+    print(json.dumps({"figure": "awac_update_ours", "steps_per_s": statistics.median(r_ours),
+                      "critic_kernel": "auto (loop on CPU)", **common}))
+    print(json.dumps({"figure": "awac_update_ours_vmap", "steps_per_s": statistics.median(r_vmap),
+                      "ratio_vs_reference": statistics.median(ratios_vmap), **common}))
     print(json.dumps({"figure": "awac_update_reference", "steps_per_s": statistics.median(r_ref), **common}))
     print(json.dumps({"figure": "awac_update_speedup", "ratio": statistics.median(ratios),
                       "ratio_min": min(ratios), "ratio_max": max(ratios), **common}))
+
+    # lower bound of any implementation of the same update: its GEMM FLOPs at the best rate
+    cells, n_v = list(args.num_cells), args.num_value_samples
+    shapes = [(b, cells[0], cells[0]), (n_v * b, cells[0], cells[0]), (b, o + a, cells[0])]
+    rate = best_gemm_rate(shapes)
+    k = cfg.num_components
+    flops_ours = update_gemm_flops(o, a, cells, k, 2, n_v, b, reuse=True)
+    flops_ref = update_gemm_flops(o, a, cells, k, 2, n_v, b, reuse=False)
+    bound_s = flops_ours / rate
+    ref_s = 1.0 / statistics.median(r_ref)
+    print(json.dumps({
+        "figure": "gemm_bound", "gemm_gflop_per_update_ours": flops_ours / 1e9,
+        "gemm_gflop_per_update_reference": flops_ref / 1e9, "best_gemm_gflop_per_s": rate / 1e9,
+        "lower_bound_s_per_update": bound_s, "reference_s_per_update": ref_s,
+        "ours_s_per_update": 1.0 / statistics.median(r_ours),
+        "max_speedup_vs_reference": ref_s / bound_s, **common,
+    }))
 
     # mixed-batch sampling cost (two torchrl buffers + cat)
     model_rows = data[: 2 * b].clone().set("is_real", torch.zeros(2 * b, dtype=torch.bool))

@@ -163,6 +163,54 @@ class TestAWACLoss:
             assert (p.grad.flatten(1).abs().sum(1) > 0).all()  # every member gets a gradient
         assert all(p.grad is None for p in loss.target_qvalue_network_params.values(True, True))
 
+    @pytest.mark.parametrize("critic_kernel", ["vmap", "loop"])
+    def test_forward_gradient_isolation(self, critic_kernel):
+        # forward shares the dataset-pair critic pass between the two losses: the actor's
+        # copy must stay detached, and the TD loss must still reach every member
+        loss, td = _loss(actor=make_gmm_actor(OBS, ACT, num_cells=(16,)), critic_kernel=critic_kernel), _data()
+        loss(td)["loss_actor"].backward()
+        assert all(p.grad is None for p in loss.qvalue_network_params.values(True, True))
+        assert all(p.grad is not None for p in loss.actor_network_params.values(True, True))
+        loss.zero_grad(set_to_none=True)
+        loss(td)["loss_qvalue"].backward()
+        assert all(p.grad is None for p in loss.actor_network_params.values(True, True))
+        for p in loss.qvalue_network_params.values(True, True):
+            assert (p.grad.flatten(1).abs().sum(1) > 0).all()
+
+    def test_forward_equals_separate_losses(self):
+        loss, td = _loss(num_qvalue_nets=3), _data(batch=(4, 5))
+        torch.manual_seed(11)
+        out = loss(td)
+        torch.manual_seed(11)
+        actor, info_a = loss.actor_loss(td)
+        qvalue, info_q = loss.qvalue_loss(td)
+        torch.testing.assert_close(out["loss_actor"], actor)
+        torch.testing.assert_close(out["loss_qvalue"], qvalue)
+        torch.testing.assert_close(out["advantage_mean"], info_a["advantage_mean"])
+        torch.testing.assert_close(out["q_value_mean"], info_q["q_value_mean"])
+
+    def test_critic_kernels_agree(self):
+        # 3 critics initialised differently: a member mix-up between kernels would change
+        # the per-member TD gradients (and the min aggregation)
+        loop, vmap = _loss(num_qvalue_nets=3, critic_kernel="loop"), _loss(num_qvalue_nets=3, critic_kernel="vmap")
+        vmap.load_state_dict(loop.state_dict())
+        td = _data(batch=(4, 5))
+        grads = []
+        for loss in (loop, vmap):
+            torch.manual_seed(7)
+            out = loss(td)
+            (out["loss_actor"] + out["loss_qvalue"]).backward()
+            grads.append(out)
+            members = loss._qvalues(td.select("observation"), td["action"], loss.qvalue_network_params)
+            assert members.shape == (3, 4, 5)
+            grads.append(members.detach())
+        torch.testing.assert_close(grads[1], grads[3])
+        for key in ("loss_actor", "loss_qvalue", "weight_mean", "target_value_mean"):
+            torch.testing.assert_close(grads[0][key], grads[2][key])
+        for name in ("actor_network_params", "qvalue_network_params"):
+            for (key, a), b in zip(getattr(loop, name).items(True, True), getattr(vmap, name).values(True, True)):
+                torch.testing.assert_close(a.grad, b.grad, msg=f"{name} {key}")
+
     def test_critic_members_initialised_differently(self):
         loss = _loss()
         w = loss.qvalue_network_params["module", "0", "weight"]
@@ -273,6 +321,7 @@ class TestAWACLoss:
             ({"num_value_samples": 0}, "num_value_samples"),
             ({"gamma": 1.5}, "gamma"),
             ({"reduction": "max"}, "reduction"),
+            ({"critic_kernel": "bmm"}, "critic_kernel"),
         ],
     )
     def test_bad_args(self, kwargs, match):

@@ -20,6 +20,7 @@ __all__ = ["AWACLoss"]
 
 _TARGETS = ("min", "quantile")
 _REDUCTIONS = ("mean", "sum", "none")
+_CRITIC_KERNELS = ("auto", "vmap", "loop")
 
 
 def _get(td: TensorDictBase, key: NestedKey) -> torch.Tensor:
@@ -69,6 +70,17 @@ class AWACLoss(LossModule):
       (TorchRL's value-estimator machinery is not used: the target needs a fresh policy sample
       and the ensemble aggregation).
 
+    Speed (exact, the maths is unchanged): :meth:`forward` evaluates the online critics at the
+    dataset pairs once, with gradient, and uses the detached values for the advantage's
+    ``Q(s, a)`` (calling :meth:`actor_loss` and :meth:`qvalue_loss` separately evaluates them
+    twice). ``critic_kernel`` picks how the ``num_qvalue_nets`` critics are evaluated:
+    ``"vmap"`` (one :func:`torch.vmap` call over the stacked parameters, TorchRL's default) or
+    ``"loop"`` (each critic on its own parameter slice, results stacked). ``"auto"`` uses
+    ``"loop"`` on CPU and ``"vmap"`` elsewhere: on CPU the vmapped linear layers become
+    ``bmm`` + a separate bias ``add`` over ``[E, N, 256]`` activations that no longer fit in
+    cache, measured 0.77-0.83x of a plain per-critic update at MB2PO's sizes (benchmarks/README.md,
+    ``bench_awac.py``), while with 2 critics the loop has no launch overhead to save.
+
     Target critics: ``target_qvalue_network_params`` are created by ``convert_to_functional``;
     update them with :class:`torchrl.objectives.SoftUpdate` (MB2PO: ``tau = 5e-3``) or
     :class:`~torchrl.objectives.HardUpdate`. The actor has no target copy.
@@ -93,6 +105,8 @@ class AWACLoss(LossModule):
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"``. Defaults to ``"mean"``.
         check_inputs (bool): raise ``ValueError`` naming any NaN/inf input entry (one host sync
             per entry). Defaults to ``True``.
+        critic_kernel (str): ``"auto"``, ``"vmap"`` or ``"loop"`` (see above; same values and
+            gradients). Defaults to ``"auto"``.
 
     Output keys: ``"loss_actor"``, ``"loss_qvalue"`` and detached diagnostics ``"weight_mean"``,
     ``"weight_max"``, ``"clamp_fraction"``, ``"advantage_mean"``, ``"q_value_mean"``,
@@ -172,6 +186,7 @@ class AWACLoss(LossModule):
         gamma: float = 0.99,
         reduction: str = "mean",
         check_inputs: bool = True,
+        critic_kernel: str = "auto",
     ) -> None:
         if not awac_lambda > 0:
             raise ValueError(f"awac_lambda must be > 0, got {awac_lambda}")
@@ -189,6 +204,8 @@ class AWACLoss(LossModule):
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if critic_kernel not in _CRITIC_KERNELS:
+            raise ValueError(f"critic_kernel must be one of {_CRITIC_KERNELS}, got {critic_kernel!r}")
         if not hasattr(actor_network, "get_dist"):
             raise TypeError(
                 f"actor_network needs get_dist (e.g. ProbabilisticActor), got {type(actor_network).__name__}"
@@ -207,6 +224,7 @@ class AWACLoss(LossModule):
         self.gamma = float(gamma)
         self.reduction = reduction
         self.check_inputs = check_inputs
+        self.critic_kernel = critic_kernel
         # one call evaluates every critic: params stacked on dim 0 -> outputs [E, *B, 1]
         self._vmap_qvalue = _vmap_func(
             self.qvalue_network, (None, 0), randomness=self.vmap_randomness
@@ -255,10 +273,23 @@ class AWACLoss(LossModule):
 
     def _qvalues(self, td_obs: TensorDictBase, action: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
         """All critics at ``(s, a)``: ``[E, *B]``."""
+        k = self.tensor_keys
         td_q = td_obs.select(*self.qvalue_network.in_keys, strict=False).copy()
-        td_q.set(self.tensor_keys.action, action)
-        out = self._vmap_qvalue(td_q, params)
-        return out.get(self.tensor_keys.state_action_value).squeeze(-1)
+        td_q.set(k.action, action)
+        kernel = self.critic_kernel
+        if kernel == "auto":
+            kernel = "loop" if action.device.type == "cpu" else "vmap"
+        if kernel == "vmap":
+            out = self._vmap_qvalue(td_q, params).get(k.state_action_value)
+        else:
+            # unbind: the backward stacks the E slice gradients once (no full-size zero
+            # gradient per member as indexing would build)
+            values = []
+            for member_params in params.unbind(0):
+                with member_params.to_module(self.qvalue_network):
+                    values.append(self.qvalue_network(td_q.copy()).get(k.state_action_value))
+            out = torch.stack(values)
+        return out.squeeze(-1)
 
     def _dist(self, td_obs: TensorDictBase) -> torch.distributions.Distribution:
         td_in = td_obs.select(*self.actor_network.in_keys, strict=False).copy()
@@ -269,13 +300,26 @@ class AWACLoss(LossModule):
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted log-likelihood of dataset actions (MB2PO eq. 9); returns ``(loss, diagnostics)``."""
         self._validate(tensordict, next_too=False)
+        return self._actor_loss(tensordict, None)
+
+    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped double-Q TD loss (MB2PO eq. 1 + Sec. 2.1); returns ``(loss, diagnostics)``."""
+        self._validate(tensordict, next_too=True)
+        return self._qvalue_loss(tensordict, None)
+
+    def _actor_loss(
+        self, tensordict: TensorDictBase, member_q: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # member_q: the online critics at the dataset pairs, [E, *B], already detached
         k = self.tensor_keys
         action = tensordict.get(k.action)
         td_obs = tensordict.select(*self._obs_keys(), strict=False)
         dist = self._dist(td_obs)
         log_prob = dist.log_prob(action)  # [*B]
         with torch.no_grad():
-            q = self._aggregate(self._qvalues(td_obs, action, self.qvalue_network_params))  # [*B]
+            if member_q is None:
+                member_q = self._qvalues(td_obs, action, self.qvalue_network_params)
+            q = self._aggregate(member_q)  # [*B]
             n = self.num_value_samples
             pi_actions = dist.sample((n,))  # [N, *B, d]
             td_rep = td_obs.unsqueeze(0).expand(n, *td_obs.batch_size)
@@ -297,9 +341,10 @@ class AWACLoss(LossModule):
         }
         return loss, info
 
-    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped double-Q TD loss (MB2PO eq. 1 + Sec. 2.1); returns ``(loss, diagnostics)``."""
-        self._validate(tensordict, next_too=True)
+    def _qvalue_loss(
+        self, tensordict: TensorDictBase, pred: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # pred: the online critics at the dataset pairs, [E, *B], with gradient
         k = self.tensor_keys
         next_td = tensordict.get("next")
         reward = next_td.get(k.reward)
@@ -312,16 +357,25 @@ class AWACLoss(LossModule):
             )  # [*B]
             not_term = (~terminated.bool()).to(next_q.dtype).reshape(next_q.shape)
             target_value = reward.reshape(next_q.shape) + self.gamma * not_term * next_q
-        td_obs = tensordict.select(*self._obs_keys(), strict=False)
-        pred = self._qvalues(td_obs, tensordict.get(k.action), self.qvalue_network_params)  # [E, *B]
+        if pred is None:
+            td_obs = tensordict.select(*self._obs_keys(), strict=False)
+            pred = self._qvalues(td_obs, tensordict.get(k.action), self.qvalue_network_params)  # [E, *B]
         loss = self._reduce_loss((pred - target_value).pow(2).sum(0), tensordict)
         info = {"q_value_mean": pred.detach().mean(), "target_value_mean": target_value.mean()}
         return loss, info
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Both losses and diagnostics in a new TensorDict; the input is not modified."""
-        loss_actor, info_actor = self.actor_loss(tensordict)
-        loss_qvalue, info_q = self.qvalue_loss(tensordict)
+        """Both losses and diagnostics in a new TensorDict; the input is not modified.
+
+        The online critics run once at the dataset pairs: with gradient for the TD loss, and
+        detached for the actor's advantage (same values as :meth:`actor_loss` computes).
+        """
+        self._validate(tensordict, next_too=True)
+        k = self.tensor_keys
+        td_obs = tensordict.select(*self._obs_keys(), strict=False)
+        pred = self._qvalues(td_obs, tensordict.get(k.action), self.qvalue_network_params)  # [E, *B]
+        loss_actor, info_actor = self._actor_loss(tensordict, pred.detach())
+        loss_qvalue, info_q = self._qvalue_loss(tensordict, pred)
         out = {"loss_actor": loss_actor, "loss_qvalue": loss_qvalue}
         out.update({key: value.detach() for key, value in {**info_actor, **info_q}.items()})
         return TensorDict(out, batch_size=[])
