@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--eval-max-steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--penalty-uncertainty", default="std_norm", choices=["std_norm", "cov_frobenius"],
+        help="u(s, a) of the MB2PO penalty: max_i ||sigma_i||_2 (default) or max_i ||sigma_i^2||_2",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reduced", action="store_true", help="tiny sizes, a few minutes")
     args = parser.parse_args(argv)
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         awac_steps_per_iteration=args.awac_steps_per_iteration,
         model_samples_per_iteration=args.model_samples, rollout_batch_size=min(args.model_samples, 50_000),
         retain_iterations=100, model_max_epochs=30 if not args.reduced else 5, seed=args.seed,
+        penalty_uncertainty=args.penalty_uncertainty,
     )
     termination_fn = get_task(args.task).termination_fn
     eval_env = make_real_env(args.task, args.seed + 100)
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             "figure": f"{args.task}-mixed/{name}", "normalized_score": score,
             "return_mean": m["eval/return_mean"], "return_std": m["eval/return_std"],
             "grad_steps": algo.pretrain_steps_done + algo.finetune_steps_done, "seed": args.seed,
+            "penalty_uncertainty": args.penalty_uncertainty,
         }), flush=True)
 
     total = args.pretrain_steps + args.iterations * args.awac_steps_per_iteration

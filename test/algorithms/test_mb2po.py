@@ -252,16 +252,18 @@ class TestRolloutChunks:
 
 
 class TestPenalty:
-    def test_penalty_is_lambda_max_frobenius_over_elites(self):
+    # hand-built per-member stds; member 2 (the largest) is not an elite
+    SIGMAS = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.1, 0.3], [3.0, 3.0, 3.0]])
+
+    def _rollout_rows(self, lam, **kwargs):
         data = _dataset()
-        lam = 0.7
-        cfg = _config(penalty_coef=lam, horizon=1, model_samples_per_iteration=8, num_members=3, num_elites=2)
+        cfg = _config(penalty_coef=lam, horizon=1, model_samples_per_iteration=8, num_members=3,
+                      num_elites=2, **kwargs)
         algo = MB2PO(data, cfg)
         algo.fit_model()
         ens = algo.ensemble
-        # hand-built diagonal covariances: Sigma_i = diag(sigma_i^2), ||Sigma_i||_F = ||sigma_i^2||_2
-        sigmas = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.1, 0.3], [3.0, 3.0, 3.0]])
-        ens.elite_indices.copy_(torch.tensor([0, 1]))  # member 2 (the largest) is not an elite
+        ens.elite_indices.copy_(torch.tensor([0, 1]))
+        sigmas = self.SIGMAS
 
         def fake_predict(observation, action, member_index=None, *, member_first=False):
             b = observation.shape[:-1]
@@ -271,8 +273,16 @@ class TestPenalty:
             return EnsemblePrediction(loc, scale, reward)
 
         ens.predict = fake_predict
-        rows = algo.collect_model_rollouts()
-        frob = torch.stack([torch.linalg.matrix_norm(torch.diag(s.pow(2)), "fro") for s in sigmas])
+        return algo, algo.collect_model_rollouts()
+
+    @pytest.mark.parametrize("reading", ["std_norm", "cov_frobenius"])
+    def test_penalty_is_lambda_max_frobenius_over_elites(self, reading):
+        lam = 0.7
+        algo, rows = self._rollout_rows(lam, penalty_uncertainty=reading)
+        # std reading: Sigma_i = diag(sigma_i), ||Sigma_i||_F = ||sigma_i||_2 (MB2PO text, MOPO);
+        # covariance reading: Sigma_i = diag(sigma_i^2), ||Sigma_i||_F = ||sigma_i^2||_2
+        power = 1 if reading == "std_norm" else 2
+        frob = torch.stack([torch.linalg.matrix_norm(torch.diag(s.pow(power)), "fro") for s in self.SIGMAS])
         expected = lam * frob[:2].max()
         assert not math.isclose(expected.item(), lam * frob.max().item())
         torch.testing.assert_close(rows["next", "penalty"], torch.full((8, 1), expected.item()))
@@ -281,6 +291,27 @@ class TestPenalty:
         stored = algo.model_buffer[:]
         torch.testing.assert_close(stored["next", "reward"], rows["next", "reward"])
 
+    def test_default_penalty_is_the_largest_std_norm(self):
+        """Default: u = max_i ||sigma_i||_2 (MB2PO Sec. 4.3 "largest predicted standard deviation",
+        MOPO's implementation), not the norm of the variances (3.4x larger on HalfCheetah)."""
+        assert MB2POConfig().penalty_uncertainty == "std_norm"
+        _, rows = self._rollout_rows(1.0)
+        expected = self.SIGMAS[:2].norm(dim=-1).max()  # elites 0 and 1: sqrt(5.25) = 2.29
+        variance_reading = self.SIGMAS[:2].pow(2).norm(dim=-1).max()  # 4.27
+        assert not math.isclose(expected.item(), variance_reading.item())
+        torch.testing.assert_close(rows["next", "penalty"], torch.full((8, 1), expected.item()))
+        torch.testing.assert_close(rows["next", "reward"], torch.full((8, 1), 2.0 - expected.item()))
+
+    def test_bad_reading_and_old_checkpoints(self):
+        with pytest.raises(ValueError, match="penalty_uncertainty"):
+            _config(penalty_uncertainty="variance")
+        # a checkpoint written before the option existed used the covariance reading
+        state = MB2PO(_dataset(), _config(penalty_uncertainty="cov_frobenius")).state_dict()
+        del state["config"]["penalty_uncertainty"]
+        MB2PO(_dataset(), _config(penalty_uncertainty="cov_frobenius")).load_state_dict(state)
+        with pytest.raises(ValueError, match="penalty_uncertainty"):
+            MB2PO(_dataset(), _config()).load_state_dict(state)
+
 
 class TestPenaltyDrivesCritic:
     def test_larger_penalty_lowers_q_on_model_data(self):
@@ -288,7 +319,7 @@ class TestPenaltyDrivesCritic:
         lower the learned Q-values (catches a sign error anywhere along the pipeline)."""
         data = _dataset()
         q_means = {}
-        for lam in (0.0, 1000.0):  # u = max_i ||Sigma_i||_F is about 4e-3 here
+        for lam in (0.0, 1000.0):  # u = max_i ||sigma_i||_2 is about 0.09 here
             algo = MB2PO(data, _config(omega=0.0, penalty_coef=lam, awac_steps_per_iteration=30,
                                        horizon=1, model_samples_per_iteration=64, seed=1,
                                        critic_lr=3e-3))
