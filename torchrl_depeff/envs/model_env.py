@@ -49,9 +49,12 @@ class EnsembleModelEnv(ModelBasedEnvBase):
 
     * ``"model_disagreement"``: :math:`\max_{i,j}\lVert\mu_i - \mu_j\rVert_2` (MOReL, BREMEN
       App. E hard penalty),
-    * ``"model_std_norm"``: :math:`\max_i\lVert\sigma_i\rVert_2` (MOPO soft penalty),
+    * ``"model_std_norm"``: :math:`\max_i\lVert\sigma_i\rVert_2` (MOPO soft penalty; also
+      :class:`~torchrl_depeff.algorithms.MB2PO`'s default reading of its penalty, "the largest
+      predicted standard deviation", see ``MB2POConfig.penalty_uncertainty``),
     * ``"model_cov_frobenius"``: :math:`\max_i\lVert\Sigma_i\rVert_F = \max_i\lVert\sigma_i^2
-      \rVert_2` for diagonal :math:`\Sigma_i` (MB2PO),
+      \rVert_2` for diagonal covariances :math:`\Sigma_i` (MB2PO Alg. 1 read literally, with
+      :math:`\Sigma_i` the covariance: ``MB2POConfig(penalty_uncertainty="cov_frobenius")``),
     * ``"model_ensemble_std"``: :math:`\max_k \operatorname{std}_i(\mu_{i,k})`, the largest
       across-member standard deviation of the predicted next state (BREMEN App. E soft penalty,
       "the maximum standard deviation of the model ensembles", for deterministic members).
