@@ -2,19 +2,23 @@
 
 Both runs use the same seed (same network initialisation and the same pre-training batches) on
 one locally generated "mixed" dataset (``collect_behaviour_dataset`` with the eps3 variant around
-the stand-in behaviour policy of ``examples/mb2po/utils.py``) and the paper's mixed-dataset
-hyper-parameters (App. 7.3: alpha 1, omega 0.01, lambda 1; h = 5 for halfcheetah, 1 otherwise):
+the behaviour policy of ``examples/mb2po/utils.behaviour_policy``: the random 2 x 64 GMM stand-in,
+or with ``--behaviour-policy PATH`` a saved policy, e.g. a BREMEN example ``checkpoint.pt``)
+and the paper's mixed-dataset hyper-parameters (App. 7.3: alpha 1, omega 0.01, lambda 1; h = 5
+for halfcheetah, 1 otherwise):
 
 * ``awac``: AWAC for ``pretrain_steps + iterations * awac_steps_per_iteration`` steps (the same
   number of gradient steps as the MB2PO run), then evaluated;
 * ``awac_pretrained``: the MB2PO run's starting point (AWAC after ``pretrain_steps``);
 * ``mb2po``: AWAC for ``pretrain_steps``, dynamics fit, then ``iterations`` MB2PO iterations.
 
-Prints one JSON line per figure (D4RL normalised scores and returns). Paper scale is far beyond
-a CPU; the defaults take tens of minutes on 2 cores, ``--reduced`` a few minutes. Local scores
-are not comparable with the paper's D4RL numbers (different behaviour policy).
+Prints one JSON line per figure (D4RL normalised scores and returns), first the dataset's own
+quality (``<task>-mixed/dataset``: mean return of its complete episodes, overall and per
+behaviour mode 0 = pi_b, 1 = eps-greedy pi_b, 2 = uniform, in gym's native reward). Paper scale
+is far beyond a CPU; the defaults take tens of minutes on 2 cores, ``--reduced`` a few minutes.
+Local scores are not comparable with the paper's D4RL numbers (different behaviour policy).
 
-Run: ``python benchmarks/compare_awac_mb2po.py --reduced``.
+Run: ``python benchmarks/compare_awac_mb2po.py --reduced [--behaviour-policy PATH]``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,37 @@ from torchrl_depeff.data.scores import d4rl_normalized_score  # noqa: E402
 from torchrl_depeff.envs.tasks import get_task  # noqa: E402
 
 
+def dataset_returns(data, task: str) -> dict:
+    """Mean undiscounted return of the dataset's complete episodes, overall and per behaviour mode.
+
+    Episodes end at ``("next", "done")``; a change of ``behaviour_mode`` also starts a new one
+    (the modes are collected one after the other), and an episode cut by that change or by the
+    end of the data is not complete and is left out.
+    """
+    reward = data.get(("next", "reward")).reshape(-1)
+    done = data.get(("next", "done")).reshape(-1)
+    mode = data.get("behaviour_mode").reshape(-1)
+    new = torch.zeros_like(done)
+    new[1:] = done[:-1] | (mode[1:] != mode[:-1])
+    episode = new.long().cumsum(0)
+    n = int(episode[-1]) + 1
+    returns = torch.zeros(n, dtype=torch.float64).index_add_(0, episode, reward.double())
+    complete = torch.zeros(n, dtype=torch.bool)
+    complete[episode[done]] = True
+    ep_mode = torch.zeros(n, dtype=torch.long).index_copy_(0, episode, mode)
+    out = {
+        "episodes": int(complete.sum()),
+        "return_mean": float(returns[complete].mean()) if complete.any() else None,
+    }
+    ret = out["return_mean"]
+    out["normalized_score"] = None if ret is None else float(d4rl_normalized_score(task, ret))
+    for m in ep_mode.unique().tolist():
+        sel = complete & (ep_mode == m)
+        out[f"mode{m}_return_mean"] = float(returns[sel].mean()) if sel.any() else None
+    out["reward_mean_per_step"] = float(reward.mean())
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="halfcheetah", choices=["halfcheetah", "hopper", "walker2d"])
@@ -53,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--penalty-uncertainty", default="std_norm", choices=["std_norm", "cov_frobenius"],
         help="u(s, a) of the MB2PO penalty: max_i ||sigma_i||_2 (default) or max_i ||sigma_i^2||_2",
     )
+    parser.add_argument(
+        "--behaviour-policy", default=None, metavar="PATH",
+        help="BREMEN example checkpoint or GMM actor state_dict (default: random 2 x 64 GMM stand-in)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reduced", action="store_true", help="tiny sizes, a few minutes")
     args = parser.parse_args(argv)
@@ -65,9 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = make_real_env(args.task, args.seed)
     data = collect_behaviour_dataset(
-        behaviour_policy(args.task, args.seed), env, args.num_transitions,
+        behaviour_policy(args.task, args.seed, args.behaviour_policy), env, args.num_transitions,
         noise=LOCAL_NOISE["mixed"], seed=args.seed,
     )
+    common = {"seed": args.seed, "behaviour_policy": args.behaviour_policy}
+    quality = dataset_returns(data, args.task)
+    print(json.dumps({"figure": f"{args.task}-mixed/dataset", **quality, **common}), flush=True)
     h = 5 if args.task == "halfcheetah" else 1
     cfg = MB2POConfig(
         awac_lambda=1.0, omega=0.01, horizon=h, penalty_coef=1.0,  # MB2PO App. 7.3, "-mixed"
@@ -89,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({
             "figure": f"{args.task}-mixed/{name}", "normalized_score": score,
             "return_mean": m["eval/return_mean"], "return_std": m["eval/return_std"],
-            "grad_steps": algo.pretrain_steps_done + algo.finetune_steps_done, "seed": args.seed,
-            "penalty_uncertainty": args.penalty_uncertainty,
+            "grad_steps": algo.pretrain_steps_done + algo.finetune_steps_done,
+            "penalty_uncertainty": args.penalty_uncertainty, **common,
         }), flush=True)
 
     total = args.pretrain_steps + args.iterations * args.awac_steps_per_iteration
@@ -106,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     report("mb2po", mb2po)
     print(json.dumps({
         "figure": f"{args.task}-mixed/mb2po_minus_awac", "delta": results["mb2po"] - results["awac"],
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": time.perf_counter() - t0, **common,
     }))
     return results
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequential
+from torchrl._utils import logger as torchrl_logger
 from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
 
 from torchrl_depeff.algorithms.mb2po import MB2PO, MB2POConfig
@@ -50,22 +52,130 @@ def make_real_env(task: str, seed: int = 0) -> TransformedEnv:
     return env
 
 
-def behaviour_policy(task: str, seed: int, path: str | None = None) -> torch.nn.Module:
-    """The behaviour policy of locally generated datasets.
+class _ClipAction(torch.nn.Module):
+    """``action -> clamp(action, low, high)``: the action the real env executes (MuJoCo clips)."""
 
-    With ``path`` (a ``state_dict`` of a ``make_gmm_actor`` with the default sizes saved by
-    ``torch.save``), that actor; otherwise a stand-in: a randomly initialised (seeded) 2 x 64
-    GMM actor. The stand-in is not a "medium" or "expert" policy: local scores are not
-    comparable to the paper's D4RL numbers.
+    def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("low", low.clone())
+        self.register_buffer("high", high.clone())
+
+    def forward(self, action: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(action, self.low, self.high)
+
+
+def _bremen_behaviour_policy(task: str, checkpoint: dict, path: str) -> TensorDictModuleBase:
+    """The actor of a BREMEN checkpoint, rebuilt as :class:`BREMEN` builds it, then clipped."""
+    from torchrl_depeff.algorithms.bremen import _ACTIVATIONS, BREMENConfig
+    from torchrl_depeff.modules.actors import make_gaussian_actor
+
+    spec = get_task(task)
+    try:
+        cfg = BREMENConfig.from_dict(dict(checkpoint["config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: 'config' is not a valid BREMENConfig ({err})") from err
+    saved = get_task(cfg.task)
+    # walker2d and halfcheetah share sizes (17 / 6): the gym env must match too
+    sizes = lambda t: (t.gym_id, t.observation_dim, t.action_dim)  # noqa: E731
+    if sizes(saved) != sizes(spec):
+        raise ValueError(
+            f"{path}: BREMEN policy of task {cfg.task!r} ({saved.gym_id}, observation "
+            f"{saved.observation_dim}, action {saved.action_dim}) cannot act in task {task!r} "
+            f"({spec.gym_id}, observation {spec.observation_dim}, action {spec.action_dim})"
+        )
+    if cfg.task != task:
+        torchrl_logger.warning(f"{path}: BREMEN policy trained on {cfg.task!r} used for {task!r}")
+    # the same constructor call as BREMEN.__init__ (no observation normalisation: BREMEN has none)
+    actor = make_gaussian_actor(
+        spec.observation_dim, spec.action_dim, num_cells=tuple(cfg.policy_num_cells), sigma=cfg.sigma,
+        learn_sigma=cfg.learn_sigma, activation=_ACTIVATIONS[cfg.policy_activation],
+    )
+    try:
+        actor.load_state_dict(checkpoint["actor"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: 'actor' does not match its config ({err})") from err
+    env = make_real_env(task)
+    action_spec = env.action_spec
+    env.close()
+    clip = TensorDictModule(
+        _ClipAction(action_spec.space.low, action_spec.space.high), in_keys=["action"], out_keys=["action"]
+    )
+    return TensorDictSequential(actor, clip)
+
+
+def behaviour_policy(task: str, seed: int, path: str | None = None) -> TensorDictModuleBase:
+    """The behaviour policy ``pi_b`` of locally generated datasets (reads ``"observation"``,
+    writes ``"action"``; usable by :func:`collect_behaviour_dataset`).
+
+    ``path`` (optional) is read with ``torch.load(weights_only=True)`` and may hold:
+
+    * a BREMEN example checkpoint (a dict with ``"config"`` and ``"actor"`` keys, as written by
+      :meth:`BREMEN.state_dict <torchrl_depeff.algorithms.bremen.BREMEN.state_dict>`): its
+      actor, rebuilt with ``make_gaussian_actor`` and the checkpoint's ``BREMENConfig`` exactly
+      as BREMEN builds it (``tanh(mu(s)) + N(0, sigma^2)``, no observation normalisation), so
+      its deterministic action is BREMEN's. Choice: a clip to the env's action bounds follows
+      the actor: BREMEN deploys the noisy action unclipped and MuJoCo clips it, so without the
+      clip the dataset would store actions outside ``[-1, 1]`` that the env never executed
+      (``collect_behaviour_dataset`` clips its Gaussian noise for the same reason). Sampling
+      follows the exploration type (random by default, as BREMEN deploys it).
+    * a ``state_dict`` of a ``make_gmm_actor`` with the default sizes (4 x 256, 5 heads).
+
+    Without ``path``: a stand-in, a randomly initialised (seeded) 2 x 64 GMM actor. The stand-in
+    is not a "medium" or "expert" policy: local scores are not comparable to the paper's D4RL
+    numbers.
+
+    Args:
+        task (str): task name (``TASKS``); fixes the observation and action sizes.
+        seed (int): seed of the random stand-in (unused with ``path``).
+        path (str, optional): BREMEN checkpoint or GMM ``state_dict`` file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is neither format, or its policy was trained on another gym env or
+            has other observation / action sizes than ``task``.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.algorithms.bremen import BREMENConfig
+        >>> from torchrl_depeff.modules.actors import make_gaussian_actor
+        >>> bremen_actor = make_gaussian_actor(17, 6, num_cells=(8,), activation=torch.nn.ReLU)
+        >>> ckpt = {"config": BREMENConfig(policy_num_cells=(8,)).to_dict(), "actor": bremen_actor.state_dict()}
+        >>> path = tempfile.mktemp(suffix=".pt"); torch.save(ckpt, path)
+        >>> pi_b = behaviour_policy("halfcheetah", 0, path)
+        >>> td = pi_b(TensorDict(observation=torch.randn(4, 17), batch_size=[4]))
+        >>> td["action"].shape, bool(td["action"].abs().max() <= 1)
+        (torch.Size([4, 6]), True)
     """
     spec = get_task(task)
-    if path:
-        actor = make_gmm_actor(spec.observation_dim, spec.action_dim)
-        actor.load_state_dict(torch.load(path, weights_only=True))
-        return actor
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 12345)
-        return make_gmm_actor(spec.observation_dim, spec.action_dim, num_cells=(64, 64))
+    if not path:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 12345)
+            return make_gmm_actor(spec.observation_dim, spec.action_dim, num_cells=(64, 64))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"behaviour policy file {path!r} does not exist")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path}: not a torch file loadable with weights_only=True ({err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path}: expected a dict (BREMEN checkpoint or state_dict), got {type(state).__name__}"
+        )
+    if "config" in state and "actor" in state:
+        return _bremen_behaviour_policy(task, state, str(path))
+    actor = make_gmm_actor(spec.observation_dim, spec.action_dim)
+    expected = set(actor.state_dict())
+    if set(state) != expected:
+        raise ValueError(
+            f"{path}: neither a BREMEN checkpoint (keys 'config' and 'actor') nor a state_dict of a "
+            f"default-size make_gmm_actor; its keys: {sorted(state)[:8]}"
+        )
+    try:
+        actor.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: GMM actor state_dict does not fit task {task!r} ({err})") from err
+    return actor
 
 
 def load_or_make_dataset(cfg: Any, out_dir: Path) -> TensorDict:

@@ -498,3 +498,110 @@ def test_example_runs_and_resumes(tmp_path):
         history = json.loads((tmp_path / "summary.json").read_text())["history"]
         assert [h["phase"] for h in history] == ["pretrain", "pretrain", "finetune", "finetune"]
         assert second["awac_score"] == first["awac_score"]
+
+
+class TestBehaviourPolicyFromBREMEN:
+    """``examples/mb2po/utils.behaviour_policy`` loads a BREMEN example checkpoint's actor."""
+
+    @staticmethod
+    def _utils():
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2]
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from examples.mb2po import utils
+
+        return utils
+
+    @staticmethod
+    def _bremen_checkpoint(tmp_path, **overrides):
+        from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig
+
+        # non-default activation and a learned, non-default std: a rebuild ignoring the config
+        # (make_gaussian_actor's defaults) would give other actions or another noise scale
+        kwargs = dict(
+            policy_num_cells=(8, 8), policy_activation="silu", learn_sigma=True, sigma=0.7,
+            ensemble_size=2, ensemble_num_cells=(8,), eval_episodes=0, seed=3,
+        )
+        kwargs.update(overrides)
+        algo = BREMEN(BREMENConfig(**kwargs), data_root=tmp_path / "bremen")
+        with torch.no_grad():
+            algo.policy_net.log_std.copy_(torch.linspace(-0.5, 0.5, 6))
+            for p in algo.policy_net.mean_net.parameters():
+                p.mul_(3.0)  # saturate tanh(mu) for some rows: the clip must not alter the mean
+        path = tmp_path / "checkpoint.pt"
+        torch.save(algo.state_dict(), path)  # the real checkpoint format of the BREMEN example
+        return algo, path
+
+    def test_actions_equal_bremen_actor(self, tmp_path):
+        from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+        utils = self._utils()
+        algo, path = self._bremen_checkpoint(tmp_path)
+        pi_b = utils.behaviour_policy("halfcheetah", 0, str(path))
+        obs = TensorDict(observation=torch.randn(64, 17) * 3, batch_size=[64])
+        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+            ours = pi_b(obs.clone())["action"]
+            ref = algo.actor(obs.clone())["action"]
+        assert torch.equal(ours, ref)
+        assert ours.abs().max() > 0.99  # saturated rows are compared too
+        # sampling (as collect_behaviour_dataset deploys it): BREMEN's sample, clipped to [-1, 1]
+        with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+            torch.manual_seed(5)
+            ours = pi_b(obs.clone())
+            torch.manual_seed(5)
+            ref = algo.actor(obs.clone())
+        assert torch.equal(ours["scale"], ref["scale"])  # the learned std was loaded
+        assert torch.allclose(ref["scale"][0], torch.linspace(-0.5, 0.5, 6).exp())
+        assert (ref["action"].abs() > 1).any()
+        assert torch.equal(ours["action"], ref["action"].clamp(-1.0, 1.0))
+
+    def test_collects_a_dataset(self, tmp_path):
+        from torchrl_depeff.data.datasets import collect_behaviour_dataset
+
+        utils = self._utils()
+        _, path = self._bremen_checkpoint(tmp_path)
+        env = utils.make_real_env("halfcheetah", 0)
+        data = collect_behaviour_dataset(utils.behaviour_policy("halfcheetah", 0, str(path)), env, 30, noise="eps3")
+        assert data.batch_size == torch.Size([30]) and data["action"].abs().max() <= 1.0
+        assert data["behaviour_mode"].bincount().tolist() == [12, 12, 6]
+
+    def test_errors(self, tmp_path):
+        utils = self._utils()
+        algo, path = self._bremen_checkpoint(tmp_path)
+        with pytest.raises(ValueError, match="'hopper'.*observation 11, action 3"):
+            utils.behaviour_policy("hopper", 0, str(path))
+        with pytest.raises(ValueError, match="Walker2d-v5"):  # same sizes, another env
+            utils.behaviour_policy("walker2d", 0, str(path))
+        with pytest.raises(FileNotFoundError, match="nope.pt"):
+            utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "nope.pt"))
+        (tmp_path / "text.pt").write_text("not a checkpoint")
+        with pytest.raises(ValueError, match="weights_only"):
+            utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "text.pt"))
+        torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+        with pytest.raises(ValueError, match="neither a BREMEN checkpoint"):
+            utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "other.pt"))
+        state = algo.state_dict()
+        state["config"]["policy_num_cells"] = [16, 16]  # actor no longer matches its config
+        torch.save(state, tmp_path / "mismatch.pt")
+        with pytest.raises(ValueError, match="'actor' does not match its config"):
+            utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "mismatch.pt"))
+        state["config"] = {"no_such_field": 1}
+        torch.save(state, tmp_path / "badcfg.pt")
+        with pytest.raises(ValueError, match="not a valid BREMENConfig"):
+            utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "badcfg.pt"))
+
+    def test_gmm_state_dict_still_loads(self, tmp_path):
+        from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+        from torchrl_depeff.modules.mixture import make_gmm_actor
+
+        utils = self._utils()
+        gmm = make_gmm_actor(17, 6)
+        torch.save(gmm.state_dict(), tmp_path / "gmm.pt")
+        pi_b = utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "gmm.pt"))
+        obs = TensorDict(observation=torch.randn(8, 17), batch_size=[8])
+        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+            assert torch.equal(pi_b(obs.clone())["action"], gmm(obs.clone())["action"])
