@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-cells", type=int, nargs="+", default=[256, 256])
     parser.add_argument("--model-cells", type=int, nargs="+", default=[200, 200, 200, 200])
+    parser.add_argument(
+        "--model-max-epochs", type=int, default=30,
+        help="epoch cap of the dynamics fit (early stopping on a holdout; the paper: 100 000 steps)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--eval-max-steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.num_transitions, args.pretrain_steps, args.iterations = 3000, 200, 3
         args.awac_steps_per_iteration, args.model_samples, args.batch_size = 50, 2000, 128
         args.num_cells, args.model_cells, args.eval_episodes, args.eval_max_steps = [64, 64], [64, 64], 1, 200
+        args.model_max_epochs = 5
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         behaviour_policy(args.task, args.seed, args.behaviour_policy), env, args.num_transitions,
         noise=LOCAL_NOISE["mixed"], seed=args.seed,
     )
-    common = {"seed": args.seed, "behaviour_policy": args.behaviour_policy}
+    common = {"seed": args.seed, "behaviour_policy": args.behaviour_policy, "model_max_epochs": args.model_max_epochs}
     quality = dataset_returns(data, args.task)
     print(json.dumps({"figure": f"{args.task}-mixed/dataset", **quality, **common}), flush=True)
     h = 5 if args.task == "halfcheetah" else 1
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         pretrain_steps=args.pretrain_steps, num_iterations=args.iterations,
         awac_steps_per_iteration=args.awac_steps_per_iteration,
         model_samples_per_iteration=args.model_samples, rollout_batch_size=min(args.model_samples, 50_000),
-        retain_iterations=100, model_max_epochs=30 if not args.reduced else 5, seed=args.seed,
+        retain_iterations=100, model_max_epochs=args.model_max_epochs, seed=args.seed,
         penalty_uncertainty=args.penalty_uncertainty,
     )
     termination_fn = get_task(args.task).termination_fn
