@@ -78,8 +78,10 @@ class AWACLoss(LossModule):
     ``"loop"`` (each critic on its own parameter slice, results stacked). ``"auto"`` uses
     ``"loop"`` on CPU and ``"vmap"`` elsewhere: on CPU the vmapped linear layers become
     ``bmm`` + a separate bias ``add`` over ``[E, N, 256]`` activations that no longer fit in
-    cache, measured 0.77-0.83x of a plain per-critic update at MB2PO's sizes (benchmarks/README.md,
-    ``bench_awac.py``), while with 2 critics the loop has no launch overhead to save.
+    cache: measured 0.80-0.81x of a plain per-critic PyTorch update at MB2PO's sizes, against
+    1.00-1.03x for ``"loop"`` (two runs of ``benchmarks/bench_awac.py``, numbers in
+    benchmarks/README.md); with 2 critics the loop has no launch overhead to save. The
+    off-CPU choice is TorchRL's default and was not measured (no GPU was available).
 
     Target critics: ``target_qvalue_network_params`` are created by ``convert_to_functional``;
     update them with :class:`torchrl.objectives.SoftUpdate` (MB2PO: ``tau = 5e-3``) or
