@@ -66,8 +66,7 @@ class _ClipAction(torch.nn.Module):
 
 def _bremen_behaviour_policy(task: str, checkpoint: dict, path: str) -> TensorDictModuleBase:
     """The actor of a BREMEN checkpoint, rebuilt as :class:`BREMEN` builds it, then clipped."""
-    from torchrl_depeff.algorithms.bremen import _ACTIVATIONS, BREMENConfig
-    from torchrl_depeff.modules.actors import make_gaussian_actor
+    from torchrl_depeff.algorithms.bremen import BREMENConfig
 
     spec = get_task(task)
     try:
@@ -85,11 +84,7 @@ def _bremen_behaviour_policy(task: str, checkpoint: dict, path: str) -> TensorDi
         )
     if cfg.task != task:
         torchrl_logger.warning(f"{path}: BREMEN policy trained on {cfg.task!r} used for {task!r}")
-    # the same constructor call as BREMEN.__init__ (no observation normalisation: BREMEN has none)
-    actor = make_gaussian_actor(
-        spec.observation_dim, spec.action_dim, num_cells=tuple(cfg.policy_num_cells), sigma=cfg.sigma,
-        learn_sigma=cfg.learn_sigma, activation=_ACTIVATIONS[cfg.policy_activation],
-    )
+    actor = cfg.make_actor()  # BREMEN's own constructor (no observation normalisation: BREMEN has none)
     try:
         actor.load_state_dict(checkpoint["actor"])
     except RuntimeError as err:

@@ -51,6 +51,7 @@ from torch import nn
 from torchrl._utils import logger as torchrl_logger
 from torchrl.envs import EnvBase, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import ProbabilisticActor
 from torchrl.objectives.utils import ValueEstimators
 
 from torchrl_depeff.algorithms.common import config_diff, episode_start_states
@@ -325,6 +326,30 @@ class BREMENConfig:
             raise ValueError(f"unknown variant {name!r}; valid names are {sorted(VARIANTS)}")
         return replace(self, **VARIANTS[name])
 
+    def make_actor(self, *, learn_sigma: bool | None = None) -> ProbabilisticActor:
+        """The policy BREMEN trains and deploys for this config (``tanh(mu(s)) + N(0, sigma^2)``).
+
+        One constructor for :class:`BREMEN`'s actor, its behaviour-cloning actor and anyone
+        rebuilding a checkpoint's actor (``actor`` entry of :meth:`BREMEN.state_dict`).
+
+        Args:
+            learn_sigma (bool, optional): overrides ``self.learn_sigma`` (BC trains the mean
+                only). Defaults to ``None`` (the config's value).
+
+        Examples:
+            >>> from torchrl_depeff.algorithms.bremen import BREMENConfig
+            >>> actor = BREMENConfig(policy_num_cells=(8,)).make_actor()
+            >>> from tensordict import TensorDict
+            >>> actor(TensorDict({"observation": torch.randn(3, 17)}, [3]))["action"].shape
+            torch.Size([3, 6])
+        """
+        task = get_task(self.task)
+        return make_gaussian_actor(
+            task.observation_dim, task.action_dim, num_cells=self.policy_num_cells, sigma=self.sigma,
+            learn_sigma=self.learn_sigma if learn_sigma is None else learn_sigma,
+            activation=_ACTIVATIONS[self.policy_activation],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Flat dict of the fields (tuples as lists), as stored in checkpoints."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -440,11 +465,7 @@ class BREMEN:
         self.buffers = DeploymentReplayBuffers(data_root)
 
         o, a = self.task.observation_dim, self.task.action_dim
-        activation = _ACTIVATIONS[cfg.policy_activation]
-        self.actor = make_gaussian_actor(
-            o, a, num_cells=cfg.policy_num_cells, sigma=cfg.sigma, learn_sigma=cfg.learn_sigma,
-            activation=activation,
-        ).to(self.device)
+        self.actor = cfg.make_actor().to(self.device)
         self.ensemble = DynamicsEnsemble(
             o, a, num_members=cfg.ensemble_size, num_cells=cfg.ensemble_num_cells,
         ).to(self.device)
@@ -601,11 +622,7 @@ class BREMEN:
         data = self._dataset(cfg.bc_data)
         validate_offline_dataset(data)
         data, weight_key, out = self._bc_weights(data)
-        o, a = self.task.observation_dim, self.task.action_dim
-        bc = make_gaussian_actor(
-            o, a, num_cells=cfg.policy_num_cells, sigma=cfg.sigma, learn_sigma=False,
-            activation=_ACTIVATIONS[cfg.policy_activation],
-        ).to(self.device)
+        bc = cfg.make_actor(learn_sigma=False).to(self.device)
         info = train_bc(
             bc, data, lr=cfg.bc_lr, batch_size=cfg.bc_batch_size, holdout_ratio=cfg.holdout_ratio,
             max_epochs=cfg.bc_max_epochs, patience=cfg.bc_patience, loss_type="mse",
