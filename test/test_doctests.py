@@ -28,31 +28,3 @@ def test_docstring_examples(module_name: str) -> None:
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{result.failed} doctest example(s) failed in {module_name}"
-
-
-
-def test_every_subpackage_imports_first_in_a_fresh_interpreter() -> None:
-    """Each subpackage must import on its own, as a user's first import: catches import cycles
-    that the shared test process hides once another package has been imported. (Importing a
-    leaf module runs its package ``__init__`` first, so packages cover their modules.)"""
-    import subprocess
-    import sys
-
-    names = sorted(
-        info.name
-        for info in pkgutil.iter_modules(torchrl_depeff.__path__, prefix="torchrl_depeff.")
-        if info.ispkg
-    )
-    assert len(names) >= 6, names
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-c", f"import {name}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for name in names
-    }
-    failed = {}
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        if proc.returncode:
-            failed[name] = err.strip().splitlines()[-1]
-    assert not failed, f"subpackages that fail as a first import: {failed}"

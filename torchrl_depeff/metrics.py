@@ -20,6 +20,7 @@ from tensordict.utils import NestedKey
 from torch.nn import functional as F
 
 __all__ = [
+    "deployment_analysis",
     "METRIC_NAMES",
     "novelty_score",
     "energy_distance",
@@ -361,3 +362,89 @@ def deployment_metrics(
         for name, value in out.items():
             logger.log_scalar(METRIC_NAMES[name], value, step=step)
     return out
+
+
+def _trajectory_windows(data: TensorDictBase, horizon: int, max_windows: int, generator: torch.Generator) -> TensorDictBase | None:
+    """``[N, horizon]`` windows of consecutive steps, each inside one recorded trajectory.
+
+    Trajectories are identified by ``("collector", "traj_ids")`` (rows of one trajectory are in
+    time order within the flat batch); without ids the rows are taken to be in time order.
+    """
+    data = data.reshape(-1)
+    n = data.shape[0]
+    traj = data.get(("collector", "traj_ids"), None)
+    if traj is None:
+        traj = torch.cat([torch.zeros(1, dtype=torch.long), data.get(("next", "done")).reshape(n)[:-1].long().cumsum(0)])
+    traj = traj.reshape(n).long()
+    order = torch.sort(traj, stable=True).indices
+    sorted_ids = traj[order]
+    new = torch.ones(n, dtype=torch.bool)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    starts = torch.nonzero(new).squeeze(-1)
+    seg = torch.cumsum(new.long(), 0) - 1
+    pos = torch.arange(n) - starts[seg]
+    lengths = torch.diff(torch.cat([starts, torch.tensor([n])]))
+    ok = (pos % horizon == 0) & (pos + horizon <= lengths[seg])
+    first = torch.nonzero(ok).squeeze(-1)
+    if first.numel() == 0:
+        return None
+    pick = first[torch.randperm(first.numel(), generator=generator)[:max_windows]]
+    idx = order[pick.unsqueeze(-1) + torch.arange(horizon)]
+    return data[idx]
+
+
+def deployment_analysis(
+    buffers: object,
+    model: object,
+    *,
+    seed: int = 0,
+    max_states: int = 2000,
+    num_trajectories: int = 32,
+    horizon: int = 50,
+) -> dict[str, float]:
+    """MUSBO sec. 5 analysis of the latest deployment of a run's buffers, for any algorithm.
+
+    * ``metrics/novelty`` (Table 1): :func:`novelty_score` of up to ``max_states`` random states
+      of the latest batch against up to ``max_states`` random states of all earlier batches
+      (absent for the first deployment);
+    * ``metrics/energy_distance`` and ``metrics/trajectory_mse`` (Fig. 6): open-loop rollouts of
+      ``model``'s mean from the start state of ``num_trajectories`` real windows of ``horizon``
+      steps of the latest batch, replaying the recorded actions.
+
+    Args:
+        buffers (DeploymentReplayBuffers): the run's data (at least one deployment).
+        model (DynamicsEnsemble): the dynamics model.
+
+    Keyword Args:
+        seed (int): seed of the random state / window draws (``seed + 101 * (k + 1)``).
+        max_states (int): states per side for the novelty score. Defaults to 2000.
+        num_trajectories (int): real windows. Defaults to 32.
+        horizon (int): steps per window. Defaults to 50.
+
+    Examples:
+        >>> import tempfile
+        >>> from torchrl_depeff.algorithms import BREMEN, BREMENConfig
+        >>> from torchrl_depeff.metrics import deployment_analysis
+        >>> algo = BREMEN(BREMENConfig.tiny(), data_root=tempfile.mkdtemp())
+        >>> _ = algo.deployment_step()
+        >>> sorted(deployment_analysis(algo.buffers, algo.ensemble, horizon=5, num_trajectories=4))
+        ['metrics/energy_distance', 'metrics/trajectory_mse']
+    """
+    k = buffers.num_deployments - 1
+    if k < 0:
+        raise ValueError("deployment_analysis needs at least one deployment in the buffers")
+    g = torch.Generator().manual_seed(seed + 101 * (k + 1))
+    latest = buffers.as_tensordict("latest").reshape(-1)
+    d = latest.get("observation").shape[-1]
+    device = next(model.parameters()).device
+    previous = new = None
+    if k >= 1:
+        earlier = torch.cat([buffers.as_tensordict(i)["observation"].reshape(-1, d) for i in range(k)])
+        previous = earlier[torch.randperm(earlier.shape[0], generator=g)[:max_states]].to(device)
+        new = latest["observation"][torch.randperm(latest.shape[0], generator=g)[:max_states]].to(device)
+    windows = _trajectory_windows(latest, horizon, num_trajectories, g)
+    values = deployment_metrics(
+        new_batch=new, previous_data=previous, model=model,
+        real_trajectories=windows.to(device) if windows is not None else None,
+    )
+    return {f"metrics/{name}": value for name, value in values.items()}

@@ -8,6 +8,7 @@ did not log a metric.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,7 +17,15 @@ from torchrl._utils import logger as torchrl_logger
 
 from torchrl_depeff.metrics import METRIC_NAMES
 
-__all__ = ["read_scalar_csv", "plot_metrics"]
+__all__ = [
+    "BREMEN_COLUMNS",
+    "MUSBO_COLUMNS",
+    "markdown_table",
+    "plot_comparison",
+    "plot_metrics",
+    "plot_returns",
+    "read_scalar_csv",
+]
 
 
 def read_scalar_csv(run_dir: str | os.PathLike[str], name: str) -> tuple[list[float], list[float]]:
@@ -138,3 +147,109 @@ def plot_metrics(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+#: columns of the per-deployment table of a BREMEN run: (metric key, header, format)
+BREMEN_COLUMNS: list[tuple[str, str, str]] = [
+    ("deployment/count", "deployment", "{:.0f}"),
+    ("deployment/samples", "samples", "{:.0f}"),
+    ("deployment/return_mean", "deployed return", "{:.1f}"),
+    ("eval/return_mean", "eval return", "{:.1f}"),
+    ("eval/return_std", "eval std", "{:.1f}"),
+    ("model/holdout_loss", "model holdout", "{:.4f}"),
+    ("train/imaginary_return", "imaginary return", "{:.1f}"),
+    ("train/kl_to_deployed", "KL(pi||deployed)", "{:.3g}"),
+    ("train/kl_to_bc", "KL(pi||BC)", "{:.3g}"),
+]
+
+#: extra columns of a MUSBO run (uncertainty and sec. 5 analysis metrics)
+MUSBO_COLUMNS: list[tuple[str, str, str]] = [
+    ("deployment/count", "deployment", "{:.0f}"),
+    ("deployment/exploration_variance", "expl. variance (eq. 22)", "{:.3g}"),
+    ("labeler/holdout_loss", "labeler holdout", "{:.4f}"),
+    ("bc/weight_mean", "BC weight (eq. 11)", "{:.3g}"),
+    ("train/uncertainty_weight", "TRPO weight (eq. 12)", "{:.3g}"),
+    ("metrics/novelty", "novelty (Table 1)", "{:.3f}"),
+    ("metrics/energy_distance", "energy distance", "{:.3g}"),
+    ("metrics/trajectory_mse", "trajectory MSE", "{:.3g}"),
+]
+
+
+def markdown_table(history: Sequence[Mapping[str, float]], cols: Sequence[tuple[str, str, str]]) -> str:
+    """Markdown table, one row per deployment; ``cols``: (metric key, header, format).
+
+    Examples:
+        >>> from torchrl_depeff.metrics_plots import markdown_table
+        >>> print(markdown_table([{"a": 1.0}], [("a", "A", "{:.1f}"), ("b", "B", "{:.1f}")]))
+        | A | B |
+        |---|---|
+        | 1.0 | - |
+    """
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for h in history:
+        cells = [fmt.format(h[key]) if key in h else "-" for key, _, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_returns(history: Sequence[Mapping[str, float]], deployment_size: int, path: str | os.PathLike[str],
+                 title: str) -> Path:
+    """Eval return vs real samples with dotted lines at deployments (BREMEN Fig. 2 style).
+
+    Each deployment ``k`` contributes two points: the return of the deployed (noisy) policy in
+    the data it collected, at the start of that deployment's samples, and the evaluation return
+    of the policy learned from it (mean +- std over episodes), at the end.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    samples = [h["deployment/samples"] for h in history]
+    ev = [h.get("eval/return_mean", math.nan) for h in history]
+    sd = [h.get("eval/return_std", 0.0) for h in history]
+    ax.plot(samples, ev, "o-", color="tab:purple", label="evaluation (policy mean)")
+    ax.fill_between(samples, [m - s for m, s in zip(ev, sd)], [m + s for m, s in zip(ev, sd)],
+                    color="tab:purple", alpha=0.2)
+    dep = [(s - deployment_size, h.get("deployment/return_mean", math.nan)) for s, h in zip(samples, history)]
+    ax.plot([d[0] for d in dep], [d[1] for d in dep], "s", color="tab:gray", label="deployed policy, in its own data")
+    for s in samples:
+        ax.axvline(s - deployment_size, color="k", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("real transitions")
+    ax.set_ylabel("return")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike[str], title: str) -> Path:
+    """Evaluation return per real sample, one line per run (e.g. BREMEN and MUSBO)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, history in runs.items():
+        x = [h["deployment/samples"] for h in history]
+        y = [h.get("eval/return_mean", math.nan) for h in history]
+        ax.plot(x, y, "o-", label=label)
+    ax.set_xlabel("real transitions")
+    ax.set_ylabel("evaluation return")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))

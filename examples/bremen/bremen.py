@@ -1,10 +1,11 @@
-"""BREMEN: recursive deployments (Alg. 1) or offline (Alg. 2).
+"""BREMEN (Matsushima et al., ICLR 2021): recursive deployments (Alg. 1) or offline (Alg. 2).
 
-Run from the repository root: ``python -m examples.bremen.bremen`` (quick preset, HalfCheetah-v5,
-2 CPU cores, minutes). ``task=hopper preset=paper`` uses Table 4; ``variant=me_trpo`` etc. the
-paper's ablations; ``mode=offline`` Alg. 2 on a dataset. Output in ``output_dir``: the deployment
-buffers (``deployments/``), ``checkpoint.pt`` (after every phase), ``metrics.json`` (one entry per
-deployment), CSV logs (``logs/``), ``returns.png`` (Fig. 2 style) and ``summary.md``. Rerunning the
+Run ``python -m examples.bremen.bremen`` from the repository root, or
+``python path/to/examples/bremen/bremen.py`` from anywhere (quick preset: HalfCheetah-v5, 2 CPU
+cores, minutes). ``task=hopper preset=paper`` uses Table 4; ``variant=me_trpo`` etc. the paper's
+ablations; ``mode=offline`` is Alg. 2. Outputs in ``output_dir``: ``deployments/`` (one buffer per
+deployment), ``checkpoint.pt`` (after every phase), ``metrics.json`` (one entry per deployment),
+``logs/bremen/`` (TorchRL logger), ``returns.png`` (Fig. 2 style) and ``summary.md``. Rerunning the
 same command resumes; a different config on the same ``output_dir`` is refused.
 """
 from __future__ import annotations
@@ -13,75 +14,45 @@ import logging
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repository importable from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import hydra
 import torch
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from examples.bremen.utils import make_bremen_config, make_logger, plot_returns, summary_table, write_json_atomic
-from torchrl_depeff.algorithms import atomic_save, BREMEN, load_checkpoint
+from examples.bremen.utils import make_logger, offline_dataset, write_report
+from torchrl_depeff.algorithms import BREMEN, BREMENConfig
+from torchrl_depeff.algorithms.hydra_configs import register_configs
 from torchrl_depeff.collectors import DeploymentRefused
-from torchrl_depeff.data import collect_behaviour_dataset, load_behaviour_dataset, load_d4rl_hdf5
-from torchrl_depeff.envs import make_env
-from torchrl_depeff.modules import make_gaussian_actor
 
 log = logging.getLogger("bremen")
-
-
-def load_offline_dataset(cfg: DictConfig, output_dir: Path):
-    """Alg. 2 dataset: a saved behaviour dataset, a D4RL-format HDF5 file, or a generated one."""
-    path = cfg.offline.dataset
-    if path is None:
-        target = output_dir / "offline_dataset"
-        if target.exists():
-            return load_behaviour_dataset(target)
-        env = make_env(cfg.task.name)
-        policy = make_gaussian_actor(env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1])
-        log.info("generating a %s dataset of %d transitions", cfg.offline.generate_noise, cfg.offline.generate_size)
-        return collect_behaviour_dataset(
-            policy, env, int(cfg.offline.generate_size), noise=cfg.offline.generate_noise,
-            seed=int(cfg.seed), path=target,
-        )
-    path = Path(path)
-    if path.suffix in (".hdf5", ".h5"):
-        return load_d4rl_hdf5(path)
-    return load_behaviour_dataset(path)
+register_configs()  # BREMENConfig and the Table 4 presets, for the defaults list of config.yaml
 
 
 def train(cfg: DictConfig) -> list[dict[str, float]]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = make_bremen_config(cfg)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = output_dir / "checkpoint.pt"
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    config = BREMENConfig.from_dict(OmegaConf.to_container(cfg.bremen, resolve=True))  # a BREMENConfig: types and ranges checked
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
-    # Create logger and algorithm (real env, ensemble, policy, buffers)
-    logger = make_logger(cfg, output_dir)
-    algo = BREMEN(
-        config,
-        data_root=output_dir / "deployments",
-        logger=logger,
-        progress=True,
-        checkpoint_fn=lambda a: atomic_save(a.state_dict(), ckpt),
-    )
-    if ckpt.exists():
-        algo.load_state_dict(load_checkpoint(ckpt))  # refuses a different config, naming keys
-        log.info("resuming %s at deployment %d, phase %s", output_dir, algo.deployment, algo.phase)
+    # Create the logger and the loop (real env, K dynamics models, policy, buffers); a run_dir
+    # holding a checkpoint is resumed (a different config is refused, naming the keys)
+    logger = make_logger(cfg.logger, run_dir, "bremen")
+    dataset = offline_dataset(cfg, config, run_dir) if config.mode == "offline" else None
+    algo = BREMEN(config, run_dir=run_dir, logger=logger, progress=True, dataset=dataset)
 
-    if cfg.mode == "offline":
-        dataset = load_offline_dataset(cfg, output_dir)
-        metrics = algo.run_offline(dataset, iterations=cfg.offline.iterations)
-        write_json_atomic(algo.history, output_dir / "metrics.json")
-        log.info("offline BREMEN: eval return %.1f", metrics.get("eval/return_mean", float("nan")))
-        return algo.history
-    if cfg.mode != "deployments":
-        raise ValueError(f"unknown mode {cfg.mode!r}; valid: deployments, offline")
-
-    # Recursive deployments (Alg. 1)
-    with tqdm.tqdm(total=config.num_deployments, initial=algo.deployment, desc="deployments", unit="deployment") as bar:
-        while algo.deployment < config.num_deployments:
-            metrics = algo.deployment_step()
-            write_json_atomic(algo.history, output_dir / "metrics.json")
+    # ALGO LOGIC: BREMEN Alg. 1 (Alg. 2 with mode=offline: a single "deployment" of the dataset)
+    with tqdm.tqdm(total=algo.num_deployments, initial=algo.deployment, desc="deployments", unit="deployment") as bar:
+        while algo.deployment < algo.num_deployments:
+            algo.collect()          # l. 3: deploy a frozen copy of pi (gate first), collect B transitions
+            algo.fit_model()        # l. 4: refit the K dynamics models on all data, eq. (1)
+            algo.pretrain()         # l. 5-6: BC on the latest data, eq. (3); pi_0 = Normal(pi_beta_hat, sigma)
+            algo.optimize_policy()  # l. 7-9: T TRPO steps on imaginary rollouts, eq. (2) + (4)
+            algo.evaluate()         # the policy mean in a separate real env (not a deployment)
+            metrics = algo.end_deployment()  # history, logger, metrics.json, checkpoint
             bar.update(1)
             log.info(
                 "deployment %d: %d samples, deployed return %.1f, eval return %.1f +- %.1f",
@@ -91,12 +62,9 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
             )
 
     # Report
-    title = f"BREMEN {cfg.variant} on {config.task} ({cfg.preset} preset, seed {config.seed})"
-    plot_returns(algo.history, config.deployment_size, output_dir / "returns.png", title)
-    table = summary_table(algo.history)
-    (output_dir / "summary.md").write_text(f"# {title}\n\n{table}\n")
-    log.info("summary:\n%s", table)
-    log.info("outputs in %s (returns.png, summary.md, metrics.json, logs/)", output_dir)
+    title = f"BREMEN {config.name} on {config.task} ({cfg.preset.name} preset, {config.mode}, seed {config.seed})"
+    table = write_report(algo.history, config, run_dir, title)
+    log.info("summary:\n%s\noutputs in %s", table, run_dir)
     return algo.history
 
 

@@ -1,13 +1,12 @@
-"""MUSBO: recursive deployments (Alg. 1) with the uncertainty labeler (eq. 9-13, 22).
+"""MUSBO (Su et al.): recursive deployments (Alg. 1) with the uncertainty labeler (eq. 9-13, 22).
 
-Run from the repository root: ``python -m examples.musbo.musbo`` (quick preset, HalfCheetah-v5,
-2 CPU cores, minutes). ``task=hopper preset=paper budget=250k`` uses Table 2 with 250k real
-samples; ``variant=no_exploration`` etc. the ablations. Output in ``output_dir``: the deployment
-buffers (``deployments/``), ``checkpoint.pt`` (after every phase), ``metrics.json`` (one entry per
-deployment), CSV logs (``logs/``), ``returns.png``, ``metrics.png`` (novelty, energy distance,
-trajectory MSE per deployment), ``summary.md`` and, with ``compare_with=<BREMEN output_dir>``,
-``comparison.png``. Rerunning the same command resumes; a different config on the same
-``output_dir`` is refused.
+Run ``python -m examples.musbo.musbo`` from the repository root, or
+``python path/to/examples/musbo/musbo.py`` from anywhere (quick preset: HalfCheetah-v5, 2 CPU
+cores, minutes). ``task=hopper preset=paper budget=250k`` uses Table 2 with 250k real samples;
+``variant=no_exploration`` etc. the ablations. Outputs in ``output_dir``, as BREMEN's example:
+``deployments/``, ``checkpoint.pt``, ``metrics.json``, ``logs/musbo/``, ``returns.png``,
+``metrics.png`` (novelty, energy distance, trajectory MSE), ``summary.md`` and, with
+``compare_with=<BREMEN output_dir>``, ``comparison.png``. Rerunning the same command resumes.
 """
 from __future__ import annotations
 
@@ -15,55 +14,47 @@ import logging
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repository importable from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import hydra
 import torch
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from examples.musbo.utils import (
-    load_history,
-    make_logger,
-    make_musbo_config,
-    metrics_table,
-    plot_comparison,
-    plot_returns,
-    summary_table,
-    write_json_atomic,
-)
-from torchrl_depeff.algorithms import atomic_save, load_checkpoint
-from torchrl_depeff.algorithms.musbo import MUSBO
+from examples.bremen.utils import make_logger
+from examples.musbo.utils import write_report
+from torchrl_depeff.algorithms import MUSBO, MUSBOConfig
+from torchrl_depeff.algorithms.hydra_configs import register_configs
 from torchrl_depeff.collectors import DeploymentRefused
-from torchrl_depeff.metrics import METRIC_NAMES
-from torchrl_depeff.metrics_plots import plot_metrics
 
 log = logging.getLogger("musbo")
+register_configs()  # MUSBOConfig and the Table 2 presets, for the defaults list of config.yaml
 
 
 def train(cfg: DictConfig) -> list[dict[str, float]]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = make_musbo_config(cfg)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = output_dir / "checkpoint.pt"
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    config = MUSBOConfig.from_dict(OmegaConf.to_container(cfg.musbo, resolve=True))  # a MUSBOConfig: types and ranges checked
+    if config.mode != "deployments":
+        raise ValueError(f"the MUSBO example runs Alg. 1 only (mode=deployments), got mode={config.mode!r}")
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
-    # Create logger and algorithm (real env, ensemble, labeler, policy, buffers)
-    logger = make_logger(cfg, output_dir)
-    algo = MUSBO(
-        config,
-        data_root=output_dir / "deployments",
-        logger=logger,
-        progress=True,
-        checkpoint_fn=lambda a: atomic_save(a.state_dict(), ckpt),
-    )
-    if ckpt.exists():
-        algo.load_state_dict(load_checkpoint(ckpt))  # refuses a different config, naming keys
-        log.info("resuming %s at deployment %d, phase %s", output_dir, algo.deployment, algo.phase)
+    # Create the logger and the loop (real env, dynamics ensemble T_hat, labeler P_hat, policy,
+    # buffers); a run_dir holding a checkpoint is resumed (a different config is refused)
+    logger = make_logger(cfg.logger, run_dir, "musbo")
+    algo = MUSBO(config, run_dir=run_dir, logger=logger, progress=True)
 
-    # Recursive deployments (Alg. 1)
-    with tqdm.tqdm(total=config.num_deployments, initial=algo.deployment, desc="deployments", unit="deployment") as bar:
-        while algo.deployment < config.num_deployments:
-            metrics = algo.deployment_step()
-            write_json_atomic(algo.history, output_dir / "metrics.json")
+    # ALGO LOGIC: MUSBO Alg. 1
+    with tqdm.tqdm(total=algo.num_deployments, initial=algo.deployment, desc="deployments", unit="deployment") as bar:
+        while algo.deployment < algo.num_deployments:
+            algo.collect()          # l. 3: deploy pi with eq. (22) noise const + N(0, U) (random policy first)
+            algo.fit_model()        # l. 4-5: refit T_hat (eq. 1), then the labeler P_hat (eq. 10), all data
+            algo.pretrain()         # l. 6: BC on D_all weighted by the eq. (9) labels, eq. (11)
+            algo.optimize_policy()  # l. 7-9: UW-TRPO on imaginary rollouts labelled by eq. (12), eq. (13)
+            algo.evaluate()         # policy mean in the real env + sec. 5 analysis metrics
+            metrics = algo.end_deployment()
             bar.update(1)
             log.info(
                 "deployment %d: %d samples, deployed return %.1f, eval return %.1f +- %.1f, novelty %.3f",
@@ -74,24 +65,10 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
             )
 
     # Report
-    budget = f", {cfg.budget} samples" if cfg.preset == "paper" else ""
-    title = f"MUSBO {cfg.variant} on {config.task} ({cfg.preset} preset{budget}, seed {config.seed})"
-    plot_returns(algo.history, config.deployment_size, output_dir / "returns.png", title)
-    # the CSV logger of examples.bremen.utils.make_logger writes under logs/bremen
-    csv_dir = output_dir / "logs" / "bremen"
-    if cfg.logger.backend == "csv" and config.metrics:
-        try:
-            plot_metrics({"MUSBO": csv_dir}, output_dir / "metrics.png", list(METRIC_NAMES.values()),
-                         xlabel="real transitions")
-        except FileNotFoundError as err:
-            log.warning("no metrics plot: %s", err)
-    if cfg.compare_with is not None:
-        runs = {"BREMEN": load_history(cfg.compare_with), "MUSBO": algo.history}
-        plot_comparison(runs, output_dir / "comparison.png", f"BREMEN vs MUSBO on {config.task}")
-    text = f"# {title}\n\n{summary_table(algo.history)}\n\n## Uncertainty and analysis metrics\n\n{metrics_table(algo.history)}\n"
-    (output_dir / "summary.md").write_text(text)
-    log.info("summary:\n%s", text)
-    log.info("outputs in %s (returns.png, metrics.png, summary.md, metrics.json, logs/)", output_dir)
+    budget = f", {cfg.budget.name} samples" if cfg.preset.name == "paper" else ""
+    title = f"MUSBO {config.name} on {config.task} ({cfg.preset.name} preset{budget}, seed {config.seed})"
+    text = write_report(algo.history, config, run_dir, title, cfg.compare_with, cfg.logger.backend == "csv")
+    log.info("summary:\n%s\noutputs in %s", text, run_dir)
     return algo.history
 
 

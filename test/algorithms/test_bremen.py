@@ -10,6 +10,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig, PAPER_HYPERPARAMETERS, VARIANTS
 from torchrl_depeff.algorithms.common import atomic_save, episode_start_states, load_checkpoint
+from torchrl_depeff.algorithms.loop import PHASES
 from torchrl_depeff.collectors.deployment import policy_hash
 from torchrl_depeff.collectors.gate import DeploymentRefused
 from torchrl_depeff.data.datasets import collect_behaviour_dataset
@@ -18,15 +19,9 @@ from torchrl_depeff.envs.tasks import make_env
 B = 200
 
 
-def tiny(**kw) -> BREMENConfig:
-    base = dict(
-        deployment_size=B, num_deployments=2, iterations_per_deployment=2, rollout_length=5,
-        trpo_batch_size=20, ensemble_size=2, ensemble_num_cells=(16,), policy_num_cells=(8,),
-        dynamics_max_epochs=2, dynamics_batch_size=64, bc_max_epochs=2, eval_episodes=1,
-        eval_max_steps=10, collect_frames_per_batch=100, log_interval=1, checkpoint_interval=1,
-    )
-    base.update(kw)
-    return BREMENConfig(**base)
+def tiny(overrides: dict | None = None, **kw) -> BREMENConfig:
+    """The smoke preset (B = 200, 2 deployments, 2 TRPO iterations) with dotted-path overrides."""
+    return BREMENConfig.tiny().override(overrides or {}, **kw)
 
 
 def _strip_time(metrics: dict) -> dict:
@@ -37,45 +32,68 @@ def _strip_time(metrics: dict) -> dict:
 
 class TestConfig:
     @pytest.mark.parametrize(
-        "kw, match",
+        "overrides, match",
         [
-            ({"deployment_size": 0}, "deployment_size"),
-            ({"iterations_per_deployment": -1}, "iterations_per_deployment"),
+            ({"deployment.size": 0}, "deployment.size"),
+            ({"trpo.iterations": -1}, "trpo.iterations"),
             ({"task": "pong"}, "pong"),
-            ({"max_kl": 0.0}, "max_kl"),
-            ({"penalty": "cql"}, "cql"),
-            ({"rollout_length": 10, "trpo_batch_size": 5}, "trpo_batch_size"),
-            ({"gamma": 1.5}, "gamma"),
-            ({"start_states": "random"}, "random"),
+            ({"trpo.max_kl": 0.0}, "trpo.max_kl"),
+            ({"trpo.max_kl": float("inf")}, "trpo.max_kl"),
+            ({"imagination.penalty": "cql"}, "cql"),
+            ({"imagination.rollout_length": 10, "trpo.batch_size": 5}, "trpo.batch_size"),
+            ({"trpo.gamma": 1.5}, "trpo.gamma"),
+            ({"imagination.start_states": "random"}, "random"),
+            ({"model.lr": True}, "model.lr"),
+            ({"bc.reinit": "maybe"}, "bc.reinit"),
+            ({"mode": "online"}, "online"),
         ],
     )
-    def test_bad_values_are_named(self, kw, match):
+    def test_bad_values_are_named(self, overrides, match):
         with pytest.raises(ValueError, match=match):
-            BREMENConfig(**kw)
+            BREMENConfig().override(overrides)
 
-    def test_from_dict_unknown_key(self):
+    def test_unknown_keys(self):
         with pytest.raises(KeyError, match="deployments"):
             BREMENConfig.from_dict({"deployments": 3})
+        with pytest.raises(KeyError, match="trpo.kl"):
+            BREMENConfig().override({"trpo.kl": 0.1})
+
+    def test_legacy_flat_keys_still_accepted(self):
+        with pytest.warns(FutureWarning, match="max_kl -> trpo.max_kl"):
+            cfg = BREMENConfig.from_dict({"max_kl": 0.05, "ensemble_size": 3, "holdout_ratio": 0.2})
+        assert (cfg.trpo.max_kl, cfg.model.num_members) == (0.05, 3)
+        assert cfg.model.holdout_ratio == cfg.bc.holdout_ratio == 0.2
+
+    def test_dict_round_trip(self):
+        cfg = tiny().variant("explicit_kl")
+        assert BREMENConfig.from_dict(cfg.to_dict()) == cfg
 
     def test_paper_table4(self):
         # BREMEN Table 4
         hop = BREMENConfig.paper("hopper")
-        assert (hop.iterations_per_deployment, hop.num_deployments, hop.rollout_length) == (6000, 10, 1000)
-        assert (hop.max_kl, hop.gae_lambda, hop.sigma, hop.gamma) == (0.05, 0.95, 0.1, 0.99)
-        assert BREMENConfig.paper("halfcheetah").max_kl == 0.1
-        assert BREMENConfig.paper("ant").gae_lambda == 0.97
-        assert BREMENConfig.paper("walker2d").num_deployments == 10
+        assert (hop.trpo.iterations, hop.deployment.num_deployments, hop.imagination.rollout_length) == (6000, 10, 1000)
+        assert (hop.trpo.max_kl, hop.trpo.gae_lambda, hop.policy.sigma, hop.trpo.gamma) == (0.05, 0.95, 0.1, 0.99)
+        assert BREMENConfig.paper("halfcheetah").trpo.max_kl == 0.1
+        assert BREMENConfig.paper("ant").trpo.gae_lambda == 0.97
+        assert BREMENConfig.paper("walker2d").deployment.num_deployments == 10
         cfg = BREMENConfig()
-        assert (cfg.trpo_batch_size, cfg.policy_num_cells, cfg.ensemble_num_cells) == (50_000, (200, 200), (1024, 1024))
-        assert (cfg.dynamics_lr, cfg.bc_lr, cfg.bc_batch_size) == (1e-3, 5e-4, 256)
+        assert cfg == BREMENConfig.paper("halfcheetah")
+        assert (cfg.trpo.batch_size, cfg.policy.num_cells, cfg.model.num_cells) == (50_000, (200, 200), (1024, 1024))
+        assert (cfg.model.lr, cfg.bc.lr, cfg.bc.batch_size) == (1e-3, 5e-4, 256)
         with pytest.raises(ValueError, match="pong"):
             BREMENConfig.paper("pong")
 
+    def test_fig3_robotics_preset(self):
+        # BREMEN Fig. 3: 10 deployments of 25k transitions on the reaching tasks
+        for task in ("fetch_reach", "hand_reach"):
+            cfg = BREMENConfig.paper(task)
+            assert (cfg.deployment.num_deployments, cfg.deployment.size) == (10, 25_000)
+
     def test_variants(self):
-        assert BREMENConfig().variant("me_trpo").bc_reinit is False
+        assert BREMENConfig().variant("me_trpo").bc.reinit is False
         ekl = BREMENConfig().variant("explicit_kl")
-        assert ekl.explicit_kl_coef > 0 and not ekl.bc_reinit
-        assert BREMENConfig().variant("mopo").penalty == "mopo"
+        assert ekl.trpo.explicit_kl_coef > 0 and not ekl.bc.reinit and ekl.name == "explicit_kl"
+        assert BREMENConfig().variant("mopo").imagination.penalty == "mopo"
         assert set(VARIANTS) >= {"bremen", "me_trpo", "explicit_kl", "mopo", "morel", "recursive_bc"}
         with pytest.raises(ValueError, match="sac"):
             BREMENConfig().variant("sac")
@@ -121,7 +139,7 @@ class TestDeploymentLoop:
         assert len(algo.history) == 2 and algo.deployment == 2
 
     def test_bc_reinit_sets_policy_mean_to_bc(self, tmp_path):
-        algo = BREMEN(tiny(bc_init_sigma=1.0), data_root=tmp_path)
+        algo = BREMEN(tiny({"bc.init_sigma": 1.0}), data_root=tmp_path)
         algo.collect()
         algo.fit_model()
         algo.behaviour_clone()
@@ -142,7 +160,7 @@ class TestDeploymentLoop:
         assert policy_hash(algo.actor) == before  # ME-TRPO: the BC net is not copied in
 
     def test_trpo_moves_policy_within_trust_region(self, tmp_path):
-        algo = BREMEN(tiny(iterations_per_deployment=1, max_kl=0.01), data_root=tmp_path)
+        algo = BREMEN(tiny({"trpo.iterations": 1, "trpo.max_kl": 0.01}), data_root=tmp_path)
         algo.collect()
         algo.fit_model()
         algo.behaviour_clone()
@@ -161,7 +179,7 @@ class TestDeploymentLoop:
 
     @pytest.mark.parametrize("variant", ["explicit_kl", "mopo", "morel"])
     def test_variants_run(self, tmp_path, variant):
-        algo = BREMEN(tiny(num_deployments=1).variant(variant), data_root=tmp_path)
+        algo = BREMEN(tiny({"deployment.num_deployments": 1}).variant(variant), data_root=tmp_path)
         m = algo.deployment_step()
         assert math.isfinite(m["train/imaginary_return"])
         if variant == "mopo":
@@ -170,10 +188,10 @@ class TestDeploymentLoop:
             torch.testing.assert_close(ro["next", "penalty"], 0.1 * ro["next", "model_ensemble_std"])
 
     def test_start_states_first_are_episode_starts(self, tmp_path):
-        algo = BREMEN(tiny(start_states="first", rollout_length=3), data_root=tmp_path)
+        algo = BREMEN(tiny({"imagination.start_states": "first", "imagination.rollout_length": 3}), data_root=tmp_path)
         algo.collect()
         algo.fit_model()
-        pool = algo._start_state_pool()
+        pool = algo.improver.start_state_pool(algo)
         data = algo.buffers.as_tensordict("all")
         # the only episode of 200 steps: one start state, the first observation
         assert pool.shape == (1, 17)
@@ -198,7 +216,7 @@ class TestResume:
         def save_then_crash(algo):
             atomic_save(algo.state_dict(), ckpt)
             calls["n"] += 1
-            if calls["n"] == 6:  # mid second deployment's first phases
+            if calls["n"] == 9:  # second deployment, right after its fit phase
                 raise Crash
 
         algo = BREMEN(cfg, data_root=tmp_path / "run" / "data", checkpoint_fn=save_then_crash)
@@ -215,32 +233,32 @@ class TestResume:
         assert policy_hash(ref.actor) == policy_hash(resumed.actor)
 
     def test_checkpoint_is_weights_only(self, tmp_path):
-        algo = BREMEN(tiny(num_deployments=1), data_root=tmp_path / "d")
+        algo = BREMEN(tiny({"deployment.num_deployments": 1}), data_root=tmp_path / "d")
         algo.run()
         path = atomic_save(algo.state_dict(), tmp_path / "c.pt")
         state = torch.load(path, weights_only=True)
         assert state["counters"]["deployment"] == 1
 
     def test_different_config_refused(self, tmp_path):
-        algo = BREMEN(tiny(num_deployments=1), data_root=tmp_path / "d")
+        algo = BREMEN(tiny({"deployment.num_deployments": 1}), data_root=tmp_path / "d")
         algo.run()
         state = algo.state_dict()
-        other = BREMEN(tiny(num_deployments=1, max_kl=0.5, sigma=0.2), data_root=tmp_path / "d")
+        other = BREMEN(tiny({"deployment.num_deployments": 1, "trpo.max_kl": 0.5, "policy.sigma": 0.2}), data_root=tmp_path / "d")
         with pytest.raises(ValueError, match="max_kl.*sigma|sigma.*max_kl"):
             other.load_state_dict(state)
         # more deployments is allowed (extending a run)
-        BREMEN(tiny(num_deployments=3), data_root=tmp_path / "d").load_state_dict(state)
+        BREMEN(tiny({"deployment.num_deployments": 3}), data_root=tmp_path / "d").load_state_dict(state)
 
     def test_data_of_another_run_refused(self, tmp_path):
-        BREMEN(tiny(num_deployments=1), data_root=tmp_path / "d").run()
-        other = BREMEN(tiny(num_deployments=1, seed=1), data_root=tmp_path / "d")
+        BREMEN(tiny({"deployment.num_deployments": 1}), data_root=tmp_path / "d").run()
+        other = BREMEN(tiny({"deployment.num_deployments": 1}, seed=1), data_root=tmp_path / "d")
         with pytest.raises(RuntimeError, match="another run"):
             other.collect()
 
 
 class TestGate:
     def _after_first(self, tmp_path, **kw):
-        algo = BREMEN(tiny(**kw), data_root=tmp_path)
+        algo = BREMEN(tiny(kw), data_root=tmp_path)
         algo.deployment_step()
         return algo
 
@@ -253,7 +271,7 @@ class TestGate:
         assert algo.buffers.num_deployments == 1  # nothing collected
 
     def test_fallback_redeploys_last_policy(self, tmp_path):
-        algo = self._after_first(tmp_path, gate_on_fail="fallback")
+        algo = self._after_first(tmp_path, **{"deployment.gate_on_fail": "fallback"})
         deployed = policy_hash(algo.deployed_actor)
         with torch.no_grad():
             next(algo.actor.parameters()).fill_(float("nan"))
@@ -263,7 +281,7 @@ class TestGate:
         assert algo.buffers.as_tensordict(1)["policy_version"].unique().tolist() == [0]
 
     def test_over_kl_refused(self, tmp_path):
-        algo = self._after_first(tmp_path, gate_max_kl=1e-3)
+        algo = self._after_first(tmp_path, **{"deployment.gate_max_kl": 1e-3})
         with torch.no_grad():
             algo.policy_net.mean_net[-1].bias.add_(0.5)
         with pytest.raises(DeploymentRefused, match="KL"):
@@ -287,16 +305,91 @@ def test_offline_alg2(tmp_path):
         BREMEN(tiny(), data_root=tmp_path / "x").run_offline(bad)
 
 
+@pytest.fixture(scope="module")
+def dataset():
+    from torchrl_depeff.modules.actors import make_gaussian_actor
+
+    return collect_behaviour_dataset(make_gaussian_actor(17, 6, num_cells=(8,)), make_env("halfcheetah"), 300,
+                                     noise="eps1", seed=0)
+
+
+class TestOfflineRuns:
+    def test_resumes_and_refuses_another_dataset(self, tmp_path, dataset):
+        cfg = tiny(mode="offline")
+        first = BREMEN(cfg, run_dir=tmp_path, dataset=dataset).run()
+        assert len(first) == 1 and first[0]["deployment/samples"] == 300
+        # rerun: resumed, nothing recomputed
+        again = BREMEN(cfg, run_dir=tmp_path, dataset=dataset)
+        assert again.deployment == 1 and _strip_time(again.run()[0]) == _strip_time(first[0])
+        # another dataset of the same size in the same directory: refused, naming both fingerprints
+        other = dataset.clone()
+        other["observation"] += 1.0
+        fresh = BREMEN(cfg, data_root=tmp_path / "deployments", dataset=other)
+        with pytest.raises(ValueError, match="fingerprint"):
+            fresh.collect()
+
+    def test_mode_mismatch_refused(self, tmp_path, dataset):
+        BREMEN(tiny({"deployment.num_deployments": 1}), run_dir=tmp_path).run()
+        # an offline run on the directory of a finished Alg. 1 run: the config differs in mode
+        with pytest.raises(ValueError, match="mode='deployments'->'offline'"):
+            BREMEN(tiny({"deployment.num_deployments": 1}, mode="offline"), run_dir=tmp_path, dataset=dataset)
+        with pytest.raises(ValueError, match="needs a dataset"):
+            BREMEN(tiny(mode="offline"), run_dir=tmp_path / "new")
+        with pytest.raises(ValueError, match="only used with mode='offline'"):
+            BREMEN(tiny(), run_dir=tmp_path / "new2", dataset=dataset)
+
+
+class TestPhases:
+    def test_order_is_enforced_and_done_phases_are_skipped(self, tmp_path):
+        algo = BREMEN(tiny({"deployment.num_deployments": 1}), run_dir=tmp_path)
+        with pytest.raises(RuntimeError, match="'optimize'.*before phase 'collect'"):
+            algo.optimize_policy()
+        collected = algo.collect()
+        assert algo.phase == PHASES[1]
+        # a phase that already ran returns its stored metrics without running again
+        assert algo.collect() == collected and algo.buffers.num_deployments == 1
+        with pytest.raises(RuntimeError, match="not finished"):
+            algo.end_deployment()
+
+    def test_run_dir_resumes_in_the_constructor(self, tmp_path):
+        algo = BREMEN(tiny(), run_dir=tmp_path)
+        algo.collect()
+        algo.fit_model()
+        resumed = BREMEN(tiny(), run_dir=tmp_path)
+        assert (resumed.deployment, resumed.phase) == (0, "pretrain")
+        for key, value in algo.ensemble.state_dict().items():
+            assert torch.equal(resumed.ensemble.state_dict()[key], value), key
+        history = resumed.run()
+        assert [h["deployment/count"] for h in history] == [1, 2]
+        assert (tmp_path / "metrics.json").is_file()
+
+    def test_old_checkpoint_format_refused(self, tmp_path):
+        algo = BREMEN(tiny(), run_dir=tmp_path)
+        old = {"config": {"max_kl": 0.1}, "counters": {"deployment": 1}}  # torchrl_depeff 0.1 layout
+        with pytest.raises(ValueError, match="torchrl_depeff 0.1"):
+            algo.load_state_dict(old)
+
+    def test_checkpoint_of_another_algorithm_refused(self, tmp_path):
+        from torchrl_depeff.algorithms.musbo import MUSBO, MUSBOConfig
+
+        state = BREMEN(tiny(), run_dir=tmp_path / "b").state_dict()
+        with pytest.raises(ValueError, match="written by BREMEN, not MUSBO"):
+            MUSBO(MUSBOConfig.tiny(), run_dir=tmp_path / "m").load_state_dict(state)
+
+
 def test_paper_table_covers_every_task():
     from torchrl_depeff.envs.tasks import TASK_NAMES
 
-    assert set(PAPER_HYPERPARAMETERS) == set(TASK_NAMES)
+    # Table 4 covers the four MuJoCo tasks; every other task has a documented paper preset
+    assert set(PAPER_HYPERPARAMETERS) == {"ant", "halfcheetah", "hopper", "walker2d"}
+    for task in TASK_NAMES:
+        assert BREMENConfig.paper(task).task == task
 
 
 def test_vector_env_deployment(tmp_path):
     # 4 sub-envs in one process: still exactly B rows, episode starts taken per sub-env
-    algo = BREMEN(tiny(num_envs=4, num_deployments=1), data_root=tmp_path)
+    algo = BREMEN(tiny({"deployment.num_envs": 4, "deployment.num_deployments": 1}), data_root=tmp_path)
     assert algo.env.batch_size == torch.Size([4])
     m = algo.deployment_step()
     assert len(algo.buffers) == B and math.isfinite(m["train/imaginary_return"])
-    assert algo._start_state_pool().shape[0] >= 4
+    assert algo.improver.start_state_pool(algo).shape[0] >= 4

@@ -6,12 +6,13 @@ The GMM actor's log-prob against a direct mixture-formula reference is tested in
 from __future__ import annotations
 
 import math
+import tempfile
 
 import pytest
 import torch
 from tensordict import TensorDict
 
-from torchrl_depeff.algorithms.mb2po import MB2PO, MB2POConfig, TRAIN_KEYS
+from torchrl_depeff.algorithms.mb2po import MB2PO, MB2POConfig, MB2PO_PAPER_HYPERPARAMETERS, TRAIN_KEYS
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble, EnsemblePrediction
 
 OBS, ACT = 3, 2
@@ -48,89 +49,131 @@ def _dataset(n: int = 200, seed: int = 0) -> TensorDict:
     )
 
 
-def _config(**kwargs) -> MB2POConfig:
-    base = dict(
-        batch_size=32, num_cells=(16,), model_cells=(16,), num_members=3, num_elites=2,
-        model_max_epochs=2, model_samples_per_iteration=24, omega=0.5, horizon=3,
-        retain_iterations=2, awac_steps_per_iteration=2, num_value_samples=2, pretrain_steps=2,
-        num_components=2,
-    )
-    base.update(kwargs)
-    return MB2POConfig(**base)
+def _config(overrides: dict | None = None) -> MB2POConfig:
+    """Tiny networks and budgets (dotted-path ``overrides`` on top); no real-env evaluation."""
+    base = {
+        "awac.batch_size": 32, "policy.num_cells": (16,), "awac.critic_num_cells": (16,), "model.num_cells": (16,),
+        "model.num_members": 3, "model.num_elites": 2, "model.max_epochs": 2,
+        "finetune.model_samples_per_iteration": 24, "finetune.omega": 0.5, "finetune.horizon": 3,
+        "finetune.retain_iterations": 2, "finetune.awac_steps_per_iteration": 2, "awac.num_value_samples": 2,
+        "awac.pretrain_steps": 2, "policy.num_components": 2, "finetune.iterations": 1, "evaluation.episodes": 0,
+    }
+    return MB2POConfig().override({**base, **(overrides or {})})
+
+
+def _algo(overrides: dict | None = None, data: TensorDict | None = None, **kwargs) -> MB2PO:
+    return MB2PO(_config(overrides), dataset=_dataset() if data is None else data, data_root=tempfile.mkdtemp(),
+                 **kwargs)
+
+
+def _fitted(overrides: dict | None = None, data: TensorDict | None = None, **kwargs) -> MB2PO:
+    """An MB2PO loop after its collect and fit phases, its fine-tuning strategy prepared."""
+    algo = _algo(overrides, data, **kwargs)
+    algo.collect()
+    algo.fit_model()
+    algo.improver.prepare(algo)
+    return algo
 
 
 class TestConfig:
     def test_defaults_follow_the_paper(self):
         cfg = MB2POConfig()
-        assert (cfg.awac_lambda, cfg.batch_size, cfg.tau, cfg.max_weight) == (1.0, 1024, 5e-3, 20.0)
-        assert cfg.num_cells == (256,) * 4 and cfg.num_components == 5
-        assert cfg.model_cells == (200,) * 4 and cfg.model_activation == "swish"
-        assert (cfg.omega, cfg.horizon, cfg.penalty_coef) == (0.8, 1, 1.0)
-        assert (cfg.retain_iterations, cfg.awac_steps_per_iteration, cfg.num_iterations) == (100, 1000, 500)
-        assert cfg.model_samples_per_iteration == 1_000_000
-        assert MB2POConfig(horizon=5, model_samples_per_iteration=10).rollouts_per_iteration == 2
+        a, m, f = cfg.awac, cfg.model, cfg.finetune
+        assert (a.awac_lambda, a.batch_size, a.tau, a.max_weight) == (1.0, 1024, 5e-3, 20.0)
+        assert cfg.policy.num_cells == (256,) * 4 and cfg.policy.num_components == 5
+        assert a.critic_num_cells == (256,) * 4 and (a.actor_lr, a.critic_lr, a.actor_weight_decay) == (3e-4, 3e-4, 1e-4)
+        assert m.num_cells == (200,) * 4 and m.activation == "silu" and m.probabilistic and m.predict_reward
+        assert (m.lr, m.weight_decay, m.batch_size) == (1e-3, 1e-4, 256)
+        assert (f.retain_iterations, f.awac_steps_per_iteration, f.iterations) == (100, 1000, 500)
+        assert f.model_samples_per_iteration == 1_000_000 and a.pretrain_steps == 500_000
+        assert cfg == MB2POConfig.paper("halfcheetah", "mixed")
+        assert MB2POConfig().override({"finetune.horizon": 5, "finetune.model_samples_per_iteration": 10}).finetune.rollouts_per_iteration == 2
 
     @pytest.mark.parametrize(
-        "kwargs, name",
+        "overrides, name",
         [
-            ({"omega": -0.1}, "omega"),
-            ({"omega": 1.5}, "omega"),
-            ({"horizon": 0}, "horizon"),
-            ({"penalty_coef": -1.0}, "penalty_coef"),
-            ({"awac_lambda": 0.0}, "awac_lambda"),
-            ({"num_elites": 6}, "num_elites"),
-            ({"retain_iterations": 0}, "retain_iterations"),
-            ({"model_activation": "tanh"}, "model_activation"),
-            ({"gamma": 1.5}, "gamma"),
-            ({"target": "mean"}, "target"),
-            ({"target_quantile": 1.2}, "target_quantile"),
-            ({"tau": 0.0}, "tau"),
-            ({"batch_size": 0}, "batch_size"),
+            ({"finetune.omega": -0.1}, "finetune.omega"),
+            ({"finetune.omega": 1.5}, "finetune.omega"),
+            ({"finetune.horizon": 0}, "finetune.horizon"),
+            ({"finetune.penalty_coef": -1.0}, "finetune.penalty_coef"),
+            ({"finetune.penalty_uncertainty": "variance"}, "finetune.penalty_uncertainty"),
+            ({"awac.awac_lambda": 0.0}, "awac.awac_lambda"),
+            ({"model.num_elites": 6}, "model.num_elites"),
+            ({"finetune.retain_iterations": 0}, "finetune.retain_iterations"),
+            ({"model.activation": "gelu"}, "model.activation"),
+            ({"awac.gamma": 1.5}, "awac.gamma"),
+            ({"awac.target": "mean"}, "awac.target"),
+            ({"awac.target_quantile": 1.2}, "awac.target_quantile"),
+            ({"awac.tau": 0.0}, "awac.tau"),
+            ({"awac.batch_size": 0}, "awac.batch_size"),
+            ({"awac.pretrain_steps": -1}, "awac.pretrain_steps"),
+            ({"model.probabilistic": False}, "model.probabilistic"),
+            ({"dataset": "replay"}, "replay"),
         ],
     )
-    def test_bad_values_raise_naming_them(self, kwargs, name):
+    def test_bad_values_raise_naming_them(self, overrides, name):
         with pytest.raises(ValueError, match=name):
-            MB2POConfig(**kwargs)
+            MB2POConfig().override(overrides)
+
+    def test_legacy_flat_keys(self):
+        with pytest.warns(FutureWarning, match="omega -> finetune.omega"):
+            cfg = MB2POConfig.from_dict({"omega": 0.3, "num_cells": [8]})
+        assert cfg.finetune.omega == 0.3 and cfg.policy.num_cells == cfg.awac.critic_num_cells == (8,)
 
 
 def test_quantile_target_runs():
-    algo = MB2PO(_dataset(), _config(target="quantile", target_quantile=0.1, num_qvalue_nets=3))
-    out = algo.pretrain(2)
-    assert algo.loss_module.target == "quantile" and math.isfinite(out["pretrain/loss_qvalue"])
+    algo = _algo({"awac.target": "quantile", "awac.target_quantile": 0.1, "awac.num_qvalue_nets": 3})
+    algo.collect()
+    algo.fit_model()
+    out = algo.pretrain()
+    assert algo.loss_module.target == "quantile" and out["pretrain/steps"] == 2
 
 
 class TestBadInput:
     def test_missing_key(self):
         data = _dataset().exclude(("next", "reward"))
         with pytest.raises(KeyError, match="reward"):
-            MB2PO(data, _config())
+            _algo(data=data)
 
     def test_non_finite(self):
         data = _dataset()
         data["observation"][3, 1] = float("nan")
         with pytest.raises(ValueError, match="observation"):
-            MB2PO(data, _config())
+            _algo(data=data)
 
     def test_ensemble_without_reward_head(self):
         model = DynamicsEnsemble(OBS, ACT, num_members=2, num_cells=(8,), probabilistic=True)
         with pytest.raises(ValueError, match="reward head"):
-            MB2PO(_dataset(), _config(), ensemble=model)
+            _algo(ensemble=model)
 
     def test_deterministic_ensemble(self):
         model = DynamicsEnsemble(OBS, ACT, num_members=2, num_cells=(8,), predict_reward=True)
         with pytest.raises(ValueError, match="probabilistic"):
-            MB2PO(_dataset(), _config(), ensemble=model)
+            _algo(ensemble=model)
+
+    def test_data_of_another_task_needs_an_eval_env(self):
+        with pytest.raises(ValueError, match="eval_env"):
+            MB2PO(_config({"evaluation.episodes": 1}), dataset=_dataset(), data_root=tempfile.mkdtemp())
 
     def test_wrong_config_type_and_order_errors(self):
         with pytest.raises(TypeError, match="MB2POConfig"):
-            MB2PO(_dataset(), {"omega": 0.5})
-        algo = MB2PO(_dataset(), _config())
-        with pytest.raises(RuntimeError, match="fit_model"):
-            algo.collect_model_rollouts()
+            MB2PO({"omega": 0.5}, dataset=_dataset(), data_root=tempfile.mkdtemp())
+        with pytest.raises(TypeError, match="0.1's signature"):
+            MB2PO(_dataset(), dataset=_dataset(), data_root=tempfile.mkdtemp())
+        algo = _algo()
+        with pytest.raises(RuntimeError, match="collect phase"):
+            algo.improver.collect_model_rollouts(algo)
+        algo.collect()
+        with pytest.raises(RuntimeError, match="fit phase"):
+            algo.improver.collect_model_rollouts(algo)
+        with pytest.raises(RuntimeError, match="prepare"):
+            algo.improver.sample_mixed_batch()
+        algo.fit_model()
+        algo.improver.prepare(algo)
         with pytest.raises(RuntimeError, match="model buffer is empty"):
-            algo.sample_mixed_batch()
-        with pytest.raises(ValueError, match="num_steps"):
-            algo.pretrain(-1)
+            algo.improver.sample_mixed_batch()
+        with pytest.raises(RuntimeError, match="'optimize'.*before phase 'pretrain'"):
+            algo.optimize_policy()
 
 
 class TestMixedBatches:
@@ -138,7 +181,7 @@ class TestMixedBatches:
     def test_real_share_and_origin_tags(self, omega):
         data = _dataset(300)
         batch_size = 200
-        algo = MB2PO(data, _config(omega=omega, batch_size=batch_size))
+        algo = _fitted({"finetune.omega": omega, "awac.batch_size": batch_size}, data)
         # model rows marked by a negative first feature and is_real False
         n_model = 500
         fake = _dataset(n_model, seed=1)
@@ -148,7 +191,7 @@ class TestMixedBatches:
         real_markers = set(data["observation"][:, 0].tolist())
         fractions = []
         for _ in range(20):
-            batch = algo.sample_mixed_batch()
+            batch = algo.improver.sample_mixed_batch()
             assert batch.shape == (batch_size,)
             is_real = batch["is_real"]
             marker = batch["observation"][:, 0]
@@ -167,10 +210,9 @@ class TestMixedBatches:
             assert len(set(marker[~is_real].tolist())) > 1
 
     def test_model_buffer_keeps_last_iterations(self):
-        algo = MB2PO(_dataset(), _config(retain_iterations=2))
-        algo.fit_model()
-        chunks = [algo.collect_model_rollouts() for _ in range(3)]
-        rows = algo.rows_per_iteration
+        algo = _fitted({"finetune.retain_iterations": 2})
+        chunks = [algo.improver.collect_model_rollouts(algo) for _ in range(3)]
+        rows = algo.improver.rows_per_iteration
         assert all(c.shape == (rows,) for c in chunks)
         assert len(algo.model_buffer) == 2 * rows
         stored = algo.model_buffer[:]
@@ -217,9 +259,8 @@ class TestRollouts:
     def test_start_from_dataset_and_stop_at_h(self):
         data = _dataset()
         h = 4
-        algo = MB2PO(data, _config(horizon=h, model_samples_per_iteration=40))
-        algo.fit_model()
-        rows = algo.collect_model_rollouts()
+        algo = _fitted({"finetune.horizon": h, "finetune.model_samples_per_iteration": 40}, data)
+        rows = algo.improver.collect_model_rollouts(algo)
         assert rows.shape == (40,) and not bool(rows["is_real"].any())
         lengths = self._check_trajectories(rows, data, 10, h)
         assert lengths == [h] * 10  # no termination function: every trajectory runs h steps
@@ -231,9 +272,8 @@ class TestRollouts:
         def terminate(obs, action, next_obs):
             return (action[..., :1] > 0.0)
 
-        algo = MB2PO(data, _config(horizon=h, model_samples_per_iteration=60), termination_fn=terminate)
-        algo.fit_model()
-        rows = algo.collect_model_rollouts()
+        algo = _fitted({"finetune.horizon": h, "finetune.model_samples_per_iteration": 60}, data, termination_fn=terminate)
+        rows = algo.improver.collect_model_rollouts(algo)
         lengths = self._check_trajectories(rows, data, 20, h, terminate)
         assert any(n < h for n in lengths) and any(n == h for n in lengths)
         assert bool(rows["next", "terminated"].any())
@@ -243,10 +283,10 @@ class TestRolloutChunks:
     def test_rollouts_collected_in_memory_chunks(self):
         data = _dataset()
         # 8 rollouts per iteration, at most 3 per model-env call: 3 calls of 3 rollouts x 3 steps
-        algo = MB2PO(data, _config(horizon=3, model_samples_per_iteration=24, rollout_batch_size=3))
-        assert (algo.rollouts_per_call, algo.calls_per_iteration, algo.rows_per_iteration) == (3, 3, 27)
-        algo.fit_model()
-        rows = algo.collect_model_rollouts()
+        algo = _fitted({"finetune.horizon": 3, "finetune.model_samples_per_iteration": 24, "finetune.rollout_batch_size": 3}, data)
+        imp = algo.improver
+        assert (imp.rollouts_per_call, imp.calls_per_iteration, imp.rows_per_iteration) == (3, 3, 27)
+        rows = imp.collect_model_rollouts(algo)
         assert rows.shape == (27,) and len(algo.model_buffer) == 27
         TestRollouts._check_trajectories(rows, data, 9, 3)
 
@@ -257,10 +297,8 @@ class TestPenalty:
 
     def _rollout_rows(self, lam, **kwargs):
         data = _dataset()
-        cfg = _config(penalty_coef=lam, horizon=1, model_samples_per_iteration=8, num_members=3,
-                      num_elites=2, **kwargs)
-        algo = MB2PO(data, cfg)
-        algo.fit_model()
+        algo = _fitted({"finetune.penalty_coef": lam, "finetune.horizon": 1, "finetune.model_samples_per_iteration": 8,
+                        "model.num_members": 3, "model.num_elites": 2, **kwargs}, data)
         ens = algo.ensemble
         ens.elite_indices.copy_(torch.tensor([0, 1]))
         sigmas = self.SIGMAS
@@ -273,12 +311,12 @@ class TestPenalty:
             return EnsemblePrediction(loc, scale, reward)
 
         ens.predict = fake_predict
-        return algo, algo.collect_model_rollouts()
+        return algo, algo.improver.collect_model_rollouts(algo)
 
     @pytest.mark.parametrize("reading", ["std_norm", "cov_frobenius"])
     def test_penalty_is_lambda_max_frobenius_over_elites(self, reading):
         lam = 0.7
-        algo, rows = self._rollout_rows(lam, penalty_uncertainty=reading)
+        algo, rows = self._rollout_rows(lam, **{"finetune.penalty_uncertainty": reading})
         # std reading: Sigma_i = diag(sigma_i), ||Sigma_i||_F = ||sigma_i||_2 (MB2PO text, MOPO);
         # covariance reading: Sigma_i = diag(sigma_i^2), ||Sigma_i||_F = ||sigma_i^2||_2
         power = 1 if reading == "std_norm" else 2
@@ -294,7 +332,7 @@ class TestPenalty:
     def test_default_penalty_is_the_largest_std_norm(self):
         """Default: u = max_i ||sigma_i||_2 (MB2PO Sec. 4.3 "largest predicted standard deviation",
         MOPO's implementation), not the norm of the variances (3.4x larger on HalfCheetah)."""
-        assert MB2POConfig().penalty_uncertainty == "std_norm"
+        assert MB2POConfig().finetune.penalty_uncertainty == "std_norm"
         _, rows = self._rollout_rows(1.0)
         expected = self.SIGMAS[:2].norm(dim=-1).max()  # elites 0 and 1: sqrt(5.25) = 2.29
         variance_reading = self.SIGMAS[:2].pow(2).norm(dim=-1).max()  # 4.27
@@ -302,15 +340,11 @@ class TestPenalty:
         torch.testing.assert_close(rows["next", "penalty"], torch.full((8, 1), expected.item()))
         torch.testing.assert_close(rows["next", "reward"], torch.full((8, 1), 2.0 - expected.item()))
 
-    def test_bad_reading_and_old_checkpoints(self):
-        with pytest.raises(ValueError, match="penalty_uncertainty"):
-            _config(penalty_uncertainty="variance")
-        # a checkpoint written before the option existed used the covariance reading
-        state = MB2PO(_dataset(), _config(penalty_uncertainty="cov_frobenius")).state_dict()
-        del state["config"]["penalty_uncertainty"]
-        MB2PO(_dataset(), _config(penalty_uncertainty="cov_frobenius")).load_state_dict(state)
-        with pytest.raises(ValueError, match="penalty_uncertainty"):
-            MB2PO(_dataset(), _config()).load_state_dict(state)
+    def test_reading_is_part_of_the_checkpointed_config(self, tmp_path):
+        algo = MB2PO(_config({"finetune.penalty_uncertainty": "cov_frobenius"}), dataset=_dataset(), run_dir=tmp_path)
+        state = algo.state_dict()
+        with pytest.raises(ValueError, match="finetune.penalty_uncertainty"):
+            MB2PO(_config(), dataset=_dataset(), data_root=tmp_path / "deployments").load_state_dict(state)
 
 
 class TestPenaltyDrivesCritic:
@@ -320,62 +354,73 @@ class TestPenaltyDrivesCritic:
         data = _dataset()
         q_means = {}
         for lam in (0.0, 1000.0):  # u = max_i ||sigma_i||_2 is about 0.09 here
-            algo = MB2PO(data, _config(omega=0.0, penalty_coef=lam, awac_steps_per_iteration=30,
-                                       horizon=1, model_samples_per_iteration=64, seed=1,
-                                       critic_lr=3e-3))
+            algo = _algo({"finetune.omega": 0.0, "finetune.penalty_coef": lam, "finetune.awac_steps_per_iteration": 30,
+                          "finetune.horizon": 1, "finetune.model_samples_per_iteration": 64, "seed": 1,
+                          "awac.critic_lr": 3e-3, "finetune.iterations": 2, "awac.pretrain_steps": 0}, data)
+            algo.collect()
             algo.fit_model()
-            algo.train(2)
+            algo.pretrain()
+            algo.optimize_policy()
             with torch.no_grad():
-                out = algo.loss_module(algo.sample_mixed_batch())
+                out = algo.loss_module(algo.improver.sample_mixed_batch())
             q_means[lam] = out["q_value_mean"].item()
         assert q_means[1000.0] < q_means[0.0] - 1.0, q_means
 
 
-def _run_tiny(tmp_path=None):
+def _run_tiny():
     from torchrl_depeff.data.datasets import collect_behaviour_dataset
     from torchrl_depeff.envs.tasks import make_env
 
     env = make_env("halfcheetah")
     data = collect_behaviour_dataset(None, env, 300, noise="random", seed=0)
-    cfg = MB2POConfig(
-        batch_size=64, num_cells=(32, 32), model_cells=(32, 32), num_members=3, num_elites=2,
-        model_max_epochs=3, model_samples_per_iteration=100, omega=0.5, horizon=2,
-        retain_iterations=3, awac_steps_per_iteration=5, num_value_samples=3, num_iterations=2,
-        seed=3,
-    )
+    cfg = MB2POConfig().override({
+        "awac.batch_size": 64, "policy.num_cells": (32, 32), "awac.critic_num_cells": (32, 32),
+        "model.num_cells": (32, 32), "model.num_members": 3, "model.num_elites": 2, "model.max_epochs": 3,
+        "finetune.model_samples_per_iteration": 100, "finetune.omega": 0.5, "finetune.horizon": 2,
+        "finetune.retain_iterations": 3, "finetune.awac_steps_per_iteration": 5, "awac.num_value_samples": 3,
+        "finetune.iterations": 2, "awac.pretrain_steps": 10, "evaluation.episodes": 1, "evaluation.max_steps": 20,
+        "evaluation.every_pretrain_steps": 5, "evaluation.every_iterations": 1, "seed": 3,
+    })
     return env, data, cfg
 
 
 class TestEndToEnd:
     def test_tiny_run_and_checkpoint_round_trip(self, tmp_path):
         env, data, cfg = _run_tiny()
-        algo = MB2PO(data, cfg)
-        pre = algo.pretrain(10)
-        assert algo.pretrain_steps_done == 10 and math.isfinite(pre["pretrain/loss_qvalue"])
+        algo = MB2PO(cfg, dataset=data, run_dir=tmp_path / "run", eval_env=env)
+        algo.collect()
+        algo.fit_model()
+        pre = algo.pretrain()
+        assert algo.learner.pretrain_steps_done == 10 and pre["pretrain/steps"] == 10
+        assert math.isfinite(pre["pretrain/eval_return"])
         actor_before = [p.detach().clone() for p in algo.actor.parameters()]
         target_before = algo.loss_module.target_qvalue_network_params.clone()
-        history = algo.train()
-        assert len(history) == 2 and algo.iteration == 2 and algo.finetune_steps_done == 10
-        assert len(algo.model_buffer) == 2 * algo.rows_per_iteration == 200
-        for m in history:
-            assert all(math.isfinite(v) for v in m.values()), m
-            assert m["finetune/penalty"] > 0  # the penalty is applied to model rows
+        last = algo.optimize_policy()
+        imp = algo.improver
+        assert imp.iteration == 2 and algo.learner.finetune_steps_done == 10
+        assert len(algo.model_buffer) == 2 * imp.rows_per_iteration == 200
+        assert all(math.isfinite(v) for v in last.values()), last
+        assert last["finetune/penalty"] > 0  # the penalty is applied to model rows
         # fine-tuning moved the actor and the target critics
         assert any(not torch.equal(a, b.detach()) for a, b in zip(actor_before, algo.actor.parameters()))
         assert not torch.equal(
             target_before.flatten_keys()["module.0.weight"],
             algo.loss_module.target_qvalue_network_params.flatten_keys()["module.0.weight"],
         )
-        ev = algo.evaluate(env, num_episodes=1, max_steps=20)
+        ev = algo.evaluate()
         assert ev["eval/episode_length"] == 20 and math.isfinite(ev["eval/return_mean"])
+        assert math.isfinite(ev["eval/normalized_score"])
+        algo.end_deployment()
+        # evaluations recorded during the long phases: 2 of AWAC (every 5 of 10 steps), 1 of MB2PO
+        assert [c["phase"] for c in algo.curve] == ["pretrain", "pretrain", "finetune"]
+        summary = algo.summary()
+        assert summary["awac_score"] == algo.curve[1]["score"] and summary["iterations"] == 2
 
-        # checkpoint: atomic-style save, weights_only load, identical continuation
-        path = tmp_path / "ckpt.pt"
-        torch.save(algo.state_dict(), path)
-        state = torch.load(path, weights_only=True)
-        other = MB2PO(data, cfg)
-        other.load_state_dict(state)
-        assert (other.iteration, other.pretrain_steps_done, other.finetune_steps_done) == (2, 10, 10)
+        # checkpoint: weights_only load, identical continuation
+        state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        other = MB2PO(cfg, dataset=data, run_dir=tmp_path / "run", eval_env=env)  # resumed
+        assert (other.improver.iteration, other.learner.pretrain_steps_done, other.learner.finetune_steps_done) == (2, 10, 10)
+        assert other.deployment == 1 and other.curve == algo.curve
         assert len(other.model_buffer) == len(algo.model_buffer)
         torch.testing.assert_close(other.model_buffer[:]["observation"], algo.model_buffer[:]["observation"])
         assert torch.equal(other.ensemble.elite_indices, algo.ensemble.elite_indices)
@@ -385,22 +430,30 @@ class TestEndToEnd:
             algo.loss_module.actor_network(TensorDict({"observation": obs}, [5]))["loc"],
         )
         # (the actor calls above sampled actions: restore the saved RNG for both runs)
-        torch.set_rng_state(state["torch_rng"])
-        other.finetune_iteration()
-        torch.set_rng_state(state["torch_rng"])
-        algo.finetune_iteration()
+        other.improver.prepare(other)
+        torch.set_rng_state(state["rng"]["torch"])
+        other.improver.iterate(other)
+        torch.set_rng_state(state["rng"]["torch"])
+        algo.improver.iterate(algo)
         for a, b in zip(algo.loss_module.parameters(), other.loss_module.parameters()):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(algo.model_buffer[:]["observation"], other.model_buffer[:]["observation"])
 
-    def test_load_rejects_other_config(self):
-        algo = MB2PO(_dataset(), _config())
+    def test_load_rejects_other_config_and_dataset(self, tmp_path):
+        algo = MB2PO(_config(), dataset=_dataset(), run_dir=tmp_path)
+        algo.collect()
         state = algo.state_dict()
-        other = MB2PO(_dataset(), _config(omega=0.25))
-        with pytest.raises(ValueError, match="omega"):
+        other = MB2PO(_config({"finetune.omega": 0.25}), dataset=_dataset(), data_root=tmp_path / "x")
+        with pytest.raises(ValueError, match="finetune.omega"):
             other.load_state_dict(state)
+        bad = dict(state, strategies={**state["strategies"], "initializer": {}})
         with pytest.raises(KeyError, match="loss_module"):
-            other.load_state_dict({k: v for k, v in state.items() if k != "loss_module"})
+            MB2PO(_config(), dataset=_dataset(), data_root=tmp_path / "deployments").load_state_dict(bad)
+        # the same run directory with another dataset (one row changed): refused by name
+        changed = _dataset()
+        changed["action"][7] = 0.0
+        with pytest.raises(ValueError, match="fingerprint"):
+            MB2PO(_config(), dataset=changed, run_dir=tmp_path).collect()
 
 
 class TestD4RLScores:
@@ -427,7 +480,7 @@ class TestD4RLScores:
             d4rl_normalized_score(3, 1.0)
 
 
-_PAPER_TABLE = {  # MB2PO App. 7.3 (alpha, omega, h, lambda); walker2d-mixed is our choice
+_PAPER_TABLE = {  # MB2PO App. 7.3 as printed: (alpha, omega, h, lambda)
     "halfcheetah-random": (1.0, 0.8, 5, 1.0), "hopper-random": (1.0, 0.8, 1, 1.0),
     "walker2d-random": (1.0, 0.8, 1, 1.0), "halfcheetah-medium": (1.0, 0.8, 5, 1.0),
     "hopper-medium": (1.0, 0.8, 1, 1.0), "walker2d-medium": (1.0, 0.8, 1, 1.0),
@@ -439,65 +492,69 @@ _PAPER_TABLE = {  # MB2PO App. 7.3 (alpha, omega, h, lambda); walker2d-mixed is 
 }
 
 
+def test_paper_table_is_app_7_3():
+    table = {k: (v["alpha"], v["omega"], v["h"], v["lambda"]) for k, v in MB2PO_PAPER_HYPERPARAMETERS.items()}
+    assert table == _PAPER_TABLE
+    for key, (alpha, omega, h, lam) in _PAPER_TABLE.items():
+        task, dataset = key.split("-", 1)
+        cfg = MB2POConfig.paper(task, dataset)
+        assert (cfg.awac.awac_lambda, cfg.finetune.omega, cfg.finetune.horizon, cfg.finetune.penalty_coef) == (alpha, omega, h, lam)
+
+
 @pytest.mark.parametrize("preset", ["paper", "quick"])
 def test_example_config_per_task_and_dataset(preset):
-    import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from examples.mb2po.utils import build_config, DATASETS, TASKS
+    from torchrl_depeff.algorithms.hydra_configs import register_configs
 
-    assert len(TASKS) * len(DATASETS) == len(_PAPER_TABLE)
-    with initialize_config_dir(config_dir=str(root / "examples" / "mb2po"), version_base=None):
-        for task in TASKS:
-            for dataset in DATASETS:
-                cfg = compose("config", overrides=[f"task={task}", f"dataset={dataset}", f"preset={preset}"])
-                c = build_config(cfg)
-                assert (c.awac_lambda, c.omega, c.horizon, c.penalty_coef) == _PAPER_TABLE[f"{task}-{dataset}"]
-                if preset == "paper":
-                    assert (c.pretrain_steps, c.num_iterations, c.awac_steps_per_iteration) == (500_000, 500, 1000)
-                    assert (c.model_samples_per_iteration, c.retain_iterations, c.batch_size) == (1_000_000, 100, 1024)
-                    assert c.num_cells == (256,) * 4 and c.model_cells == (200,) * 4
+    register_configs()
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "examples" / "mb2po"), version_base="1.3"):
+        for key, row in _PAPER_TABLE.items():
+            task, dataset = key.split("-", 1)
+            cfg = compose("config", overrides=[f"task={task}", f"dataset={dataset}", f"preset={preset}"])
+            c = MB2POConfig.from_dict(OmegaConf.to_container(cfg.mb2po, resolve=True))
+            assert (c.awac.awac_lambda, c.finetune.omega, c.finetune.horizon, c.finetune.penalty_coef) == row
+            assert (c.task, c.dataset) == (task, dataset)
+            if preset == "paper":
+                assert c == MB2POConfig.paper(task, dataset)
+                assert (c.awac.pretrain_steps, c.finetune.iterations, c.finetune.awac_steps_per_iteration) == (500_000, 500, 1000)
 
 
 def test_example_runs_and_resumes(tmp_path):
     import json
-    import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     from hydra import compose, initialize_config_dir
 
-    from examples.mb2po.mb2po import run
+    from examples.mb2po.mb2po import train
 
-    tiny = [
-        f"output_dir={tmp_path}", "presets.quick.num_transitions=300", "presets.quick.pretrain_steps=6",
-        "presets.quick.eval_every_pretrain_steps=3", "presets.quick.eval_every_iterations=1",
-        "presets.quick.eval_max_steps=10", "presets.quick.model_max_epochs=1", "presets.quick.batch_size=32",
-        "presets.quick.num_cells=[16]", "presets.quick.model_cells=[16]", "presets.quick.num_value_samples=2",
-        "presets.quick.model_samples_per_iteration=50", "presets.quick.awac_steps_per_iteration=3",
-    ]
-    with initialize_config_dir(config_dir=str(root / "examples" / "mb2po"), version_base=None):
-        first = run(compose("config", overrides=[*tiny, "presets.quick.num_iterations=1"]))
-        assert (first["pretrain_steps"], first["iterations"]) == (6, 1)
-        for name in ("checkpoint.pt", "learning_curve.png", "summary.json", "dataset/metadata.json"):
+    root = Path(__file__).resolve().parents[2]
+    tiny = [f"output_dir={tmp_path}", "preset=smoke", "data.num_transitions=300", "mb2po.awac.pretrain_steps=6",
+            "mb2po.evaluation.every_pretrain_steps=3"]
+    with initialize_config_dir(config_dir=str(root / "examples" / "mb2po"), version_base="1.3"):
+        first = train(compose("config", overrides=[*tiny, "mb2po.finetune.iterations=1"]))
+        summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
+        assert (summary["pretrain_steps"], summary["iterations"]) == (6, 1) and len(first) == 1
+        for name in ("checkpoint.pt", "learning_curve.png", "summary.json", "metrics.json", "dataset/metadata.json"):
             assert (tmp_path / name).exists(), name
-        assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary file
-        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-        assert ckpt["algo"]["iteration"] == 1 and len(ckpt["history"]) == 3  # 2 AWAC + 1 MB2PO evals
-        assert (tmp_path / "mb2po" / "scalars").is_dir()
-        # resume with a larger budget: no pre-training again, one more iteration
-        second = run(compose("config", overrides=[*tiny, "presets.quick.num_iterations=2"]))
-        assert (second["pretrain_steps"], second["iterations"]) == (6, 2)
-        history = json.loads((tmp_path / "summary.json").read_text())["history"]
-        assert [h["phase"] for h in history] == ["pretrain", "pretrain", "finetune", "finetune"]
-        assert second["awac_score"] == first["awac_score"]
+        assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary file
+        assert (tmp_path / "logs" / "mb2po" / "scalars").is_dir()
+        # rerun of the finished run: a no-op resume with the same result
+        again = train(compose("config", overrides=[*tiny, "mb2po.finetune.iterations=1"]))
+        assert again == first
+        # another budget on the same directory: the config differs, refused naming the key
+        with pytest.raises(ValueError, match="finetune.iterations"):
+            train(compose("config", overrides=[*tiny, "mb2po.finetune.iterations=2"]))
+        # another dataset size on the same directory: refused naming the option
+        with pytest.raises(ValueError, match="num_transitions=300->400"):
+            train(compose("config", overrides=[*tiny, "data.num_transitions=400", "mb2po.finetune.iterations=1"]))
+        # type-checked overrides
+        with pytest.raises(Exception, match="omega"):
+            compose("config", overrides=[*tiny, "mb2po.finetune.omega=abc"])
 
 
 class TestBehaviourPolicyFromBREMEN:
@@ -505,12 +562,6 @@ class TestBehaviourPolicyFromBREMEN:
 
     @staticmethod
     def _utils():
-        import sys
-        from pathlib import Path
-
-        root = Path(__file__).resolve().parents[2]
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
         from examples.mb2po import utils
 
         return utils
@@ -521,18 +572,18 @@ class TestBehaviourPolicyFromBREMEN:
 
         # non-default activation and a learned, non-default std: a rebuild ignoring the config
         # (make_gaussian_actor's defaults) would give other actions or another noise scale
-        kwargs = dict(
-            policy_num_cells=(8, 8), policy_activation="silu", learn_sigma=True, sigma=0.7,
-            ensemble_size=2, ensemble_num_cells=(8,), eval_episodes=0, seed=3,
-        )
-        kwargs.update(overrides)
-        algo = BREMEN(BREMENConfig(**kwargs), data_root=tmp_path / "bremen")
+        values = {
+            "policy.num_cells": (8, 8), "policy.activation": "silu", "policy.learn_sigma": True,
+            "policy.sigma": 0.7, "model.num_members": 2, "model.num_cells": (8,), "evaluation.episodes": 0,
+            "seed": 3, **overrides,
+        }
+        algo = BREMEN(BREMENConfig().override(values), run_dir=tmp_path / "bremen")
         with torch.no_grad():
             algo.policy_net.log_std.copy_(torch.linspace(-0.5, 0.5, 6))
             for p in algo.policy_net.mean_net.parameters():
                 p.mul_(3.0)  # saturate tanh(mu) for some rows: the clip must not alter the mean
         path = tmp_path / "checkpoint.pt"
-        torch.save(algo.state_dict(), path)  # the real checkpoint format of the BREMEN example
+        torch.save(algo.state_dict(), path)  # the checkpoint format of the BREMEN example
         return algo, path
 
     def test_actions_equal_bremen_actor(self, tmp_path):
@@ -563,7 +614,9 @@ class TestBehaviourPolicyFromBREMEN:
 
         utils = self._utils()
         _, path = self._bremen_checkpoint(tmp_path)
-        env = utils.make_real_env("halfcheetah", 0)
+        from torchrl_depeff.algorithms.mb2po import make_native_env
+
+        env = make_native_env("halfcheetah", 0)
         data = collect_behaviour_dataset(utils.behaviour_policy("halfcheetah", 0, str(path)), env, 30, noise="eps3")
         assert data.batch_size == torch.Size([30]) and data["action"].abs().max() <= 1.0
         assert data["behaviour_mode"].bincount().tolist() == [12, 12, 6]
@@ -584,7 +637,7 @@ class TestBehaviourPolicyFromBREMEN:
         with pytest.raises(ValueError, match="neither a BREMEN checkpoint"):
             utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "other.pt"))
         state = algo.state_dict()
-        state["config"]["policy_num_cells"] = [16, 16]  # actor no longer matches its config
+        state["config"]["policy"]["num_cells"] = [16, 16]  # actor no longer matches its config
         torch.save(state, tmp_path / "mismatch.pt")
         with pytest.raises(ValueError, match="'actor' does not match its config"):
             utils.behaviour_policy("halfcheetah", 0, str(tmp_path / "mismatch.pt"))

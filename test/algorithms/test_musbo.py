@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-import torchrl_depeff.algorithms.bremen as bremen_mod
+import torchrl_depeff.algorithms.components as components_mod
 from torchrl_depeff.algorithms.bremen import BREMENConfig
 from torchrl_depeff.algorithms.common import atomic_save, load_checkpoint
 from torchrl_depeff.algorithms.musbo import (
@@ -17,22 +17,15 @@ from torchrl_depeff.algorithms.musbo import (
     MUSBO_PAPER_HYPERPARAMETERS,
     MUSBO_VARIANTS,
     MUSBOConfig,
-    _trajectory_windows,
 )
+from torchrl_depeff.metrics import _trajectory_windows
 from torchrl_depeff.modules.labeler import ExplorationUncertainty, support_from_predictions
 from torchrl_depeff.objectives.uw_trpo import UncertaintyWeightedTRPOLoss
 
-TINY = dict(
-    deployment_size=300, num_deployments=2, iterations_per_deployment=2, rollout_length=5,
-    trpo_batch_size=40, ensemble_size=2, ensemble_num_cells=(16,), policy_num_cells=(8,),
-    labeler_num_cells=(16,), dynamics_max_epochs=2, labeler_max_epochs=2, bc_max_epochs=2,
-    eval_episodes=1, eval_max_steps=10, collect_frames_per_batch=100, metrics_horizon=5,
-    metrics_num_trajectories=4, log_interval=1,
-)
-
-
-def _cfg(**kw) -> MUSBOConfig:
-    return MUSBOConfig(**{**TINY, **kw})
+def _cfg(overrides: dict | None = None) -> MUSBOConfig:
+    """The smoke preset with B = 300 and 8 imaginary rollouts of 5 steps, then ``overrides``."""
+    base = {"deployment.size": 300, "trpo.batch_size": 40, "checkpoint_interval": 100}
+    return MUSBOConfig.tiny().override({**base, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +43,13 @@ class TestConfig:
     @pytest.mark.parametrize("budget", sorted(BUDGETS))
     def test_paper_budget(self, task, budget):
         cfg = MUSBOConfig.paper(task, budget=budget)
-        assert cfg.num_deployments * cfg.deployment_size == BUDGETS[budget]
-        assert cfg.num_deployments == (10 if task in ("hopper", "walker2d") else 5)
-        assert (cfg.alpha, cfg.labeler_size, cfg.labeler_num_cells, cfg.labeler_lr) == (0.028, 3, (1024, 1024), 1e-3)
-        assert (cfg.bc_lr, cfg.labeler_patience, cfg.dynamics_patience, cfg.bc_data) == (5e-4, 3, 3, "all")
+        d = cfg.deployment
+        assert d.num_deployments * d.size == BUDGETS[budget]
+        assert d.num_deployments == (10 if task in ("hopper", "walker2d") else 5)
+        lab = cfg.labeler
+        assert (cfg.uncertainty.alpha, lab.num_members, lab.num_cells, lab.lr) == (0.028, 3, (1024, 1024), 1e-3)
+        assert (cfg.bc.lr, lab.patience, cfg.model.patience, cfg.bc.data) == (5e-4, 3, 3, "all")
+        assert lab.probabilistic and not cfg.model.probabilistic
 
     def test_table2_values(self):
         # MUSBO Table 2: (L, rollout length, delta)
@@ -63,26 +59,28 @@ class TestConfig:
         }
         for task, row in table2.items():
             cfg = MUSBOConfig.paper(task)
-            assert (cfg.iterations_per_deployment, cfg.rollout_length, cfg.max_kl) == row, task
-        assert MUSBOConfig.paper("ant").gae_lambda == 0.97
+            assert (cfg.trpo.iterations, cfg.imagination.rollout_length, cfg.trpo.max_kl) == row, task
+        assert MUSBOConfig.paper("ant").trpo.gae_lambda == 0.97
 
     @pytest.mark.parametrize(
-        "kw, match",
+        "overrides, match",
         [
-            (dict(alpha=-0.1), "alpha must be a finite number >= 0, got -0.1"),
-            (dict(alpha=float("nan")), "alpha"),
-            (dict(labeler_size=1), "labeler_size \\(K\\) must be an int >= 2"),
-            (dict(exploration_mode="novelty"), "exploration_mode"),
-            (dict(exploration_const_std=-1.0), "exploration_const_std"),
-            (dict(metrics_horizon=0), "metrics_horizon"),
+            ({"uncertainty.alpha": -0.1}, "uncertainty.alpha must be a finite number >= 0, got -0.1"),
+            ({"uncertainty.alpha": float("nan")}, "uncertainty.alpha"),
+            ({"labeler.num_members": 1}, "labeler.num_members \\(K\\) must be an int >= 2"),
+            ({"labeler.probabilistic": False}, "labeler.probabilistic"),
+            ({"exploration.mode": "novelty"}, "exploration.mode"),
+            ({"exploration.const_std": -1.0}, "exploration.const_std"),
+            ({"analysis.horizon": 0}, "analysis.horizon"),
         ],
     )
-    def test_bad_values(self, kw, match):
+    def test_bad_values(self, overrides, match):
         with pytest.raises(ValueError, match=match):
-            MUSBOConfig(**kw)
+            MUSBOConfig().override(overrides)
 
     def test_variants_and_budget_errors(self):
-        assert MUSBOConfig().variant("no_weighted_bc").weighted_bc is False
+        assert MUSBOConfig().variant("no_weighted_bc").uncertainty.weighted_bc is False
+        assert MUSBOConfig().variant("no_exploration").exploration.enabled is False
         assert set(MUSBO_VARIANTS) == {"musbo", "no_exploration", "no_weighted_bc", "no_uw_trpo"}
         with pytest.raises(ValueError, match="unknown budget '1m'"):
             MUSBOConfig.paper("ant", budget="1m")
@@ -122,22 +120,23 @@ class TestMUSBO:
 
     def test_loss_is_uncertainty_weighted_on_rollouts(self, after_first, monkeypatch):
         algo, _, _ = after_first
-        loss, optim = algo._loss()
+        algo.make_model_env()
+        loss, optim = algo.improver.make_loss(algo)
         assert type(loss) is UncertaintyWeightedTRPOLoss and loss.alpha == pytest.approx(0.028)
         seen = []
-        real_step = bremen_mod.trpo_step
+        real_step = components_mod.trpo_step
 
         def spy(loss_module, optimizer, td):
             seen.append((loss_module, td.clone()))
             return real_step(loss_module, optimizer, td)
 
-        monkeypatch.setattr(bremen_mod, "trpo_step", spy)  # BREMEN runs the MUSBO loop
+        monkeypatch.setattr(components_mod, "trpo_step", spy)  # the shared TRPO phase runs MUSBO's loss
         state = {k: v.clone() for k, v in algo.actor.state_dict().items()}
-        stats = algo.trpo_iteration(loss, optim)
+        stats = algo.improver.iterate(algo, loss, optim)
         algo.actor.load_state_dict(state)
         (used, td), = seen
         assert used is loss
-        n, T = algo.config.trpo_batch_size // algo.config.rollout_length, algo.config.rollout_length
+        n, T = algo.config.trpo.batch_size // algo.config.imagination.rollout_length, algo.config.imagination.rollout_length
         assert td.batch_size == (n, T)
         d2 = td["uncertainty"]
         assert d2.shape == (n, T, 1) and not d2.requires_grad
@@ -157,23 +156,23 @@ class TestMUSBO:
 
     def test_missing_uncertainty_key_is_named(self, after_first):
         algo, _, _ = after_first
-        loss, _ = algo._loss()
+        loss, _ = algo.improver.make_loss(algo)
         rollout = algo.imaginary_rollout()
         assert "uncertainty" not in rollout.keys()
         with pytest.raises(KeyError, match="uncertainty"):
             loss.uncertainty_weight(rollout)
 
-    def test_weighted_bc_uses_eq9_labels(self, after_first, monkeypatch):
+    def test_weighted_bc_uses_eq9_labels(self, after_first, monkeypatch, tmp_path):
         algo, _, _ = after_first
         seen = {}
-        real_train = bremen_mod.train_bc
+        real_train = components_mod.train_bc
 
         def spy(actor, data, **kw):
             seen["data"], seen["weight_key"] = data, kw["weight_key"]
             return real_train(actor, data, **kw)
 
-        monkeypatch.setattr(bremen_mod, "train_bc", spy)
-        data = algo._dataset("all")
+        monkeypatch.setattr(components_mod, "train_bc", spy)
+        data = algo.buffers.as_tensordict("all")
         n, d = data["observation"].shape
         # stand-in labeler means: member 0 off by a known squared error per row, others far off
         sq_err = torch.linspace(0.0, 1.5, n)
@@ -185,7 +184,8 @@ class TestMUSBO:
             return fake
 
         monkeypatch.setattr(algo.labeler, "predict", predict)
-        out = algo.behaviour_clone()
+        bc_phase = algo.initializer  # the pretrain strategy, run directly (the loop ran its phase already)
+        out = bc_phase.run(algo)
         assert len(seen["data"]) == len(algo.buffers)  # eq. (11) sums over D_all
         assert seen["weight_key"] == "bc_weight" and out["bc/uniform_fallback"] == 0.0
         expected = (1.0 - sq_err.clamp(0, 1)).unsqueeze(-1)  # eq. (9) with the clip
@@ -193,15 +193,16 @@ class TestMUSBO:
         assert out["bc/weight_mean"] == pytest.approx(float(expected.mean()), rel=1e-4)
         # every error >= 1: all weights 0 -> uniform-weight fallback
         fake = fake + 5.0
-        out = algo.behaviour_clone()
+        out = bc_phase.run(algo)
         assert out["bc/uniform_fallback"] == 1.0 and seen["weight_key"] is None
         # ablation: plain BC
-        algo.config.weighted_bc = False
+        weighting, bc_phase.weighting = bc_phase.weighting, None
         try:
-            out = algo.behaviour_clone()
+            out = bc_phase.run(algo)
             assert seen["weight_key"] is None and "bc/weight_mean" not in out
         finally:
-            algo.config.weighted_bc = True
+            bc_phase.weighting = weighting
+        assert MUSBO(_cfg({"uncertainty.weighted_bc": False}), data_root=tmp_path).initializer.weighting is None
 
     def test_resume_round_trip(self, after_first, tmp_path):
         algo, _, root = after_first
@@ -213,7 +214,7 @@ class TestMUSBO:
         assert other.labeler_fitted and other.deployment == algo.deployment == 1
         for (k, a), (_, b) in zip(algo.labeler.state_dict().items(), other.labeler.state_dict().items()):
             torch.testing.assert_close(a, b, msg=k)
-        torch.testing.assert_close(other.labeler_generator.get_state(), algo.labeler_generator.get_state())
+        torch.testing.assert_close(other.disagreement.generator.get_state(), algo.disagreement.generator.get_state())
         # same rollouts and the same eq. (12) pair draws after the restore
         torch.set_rng_state(state["rng"]["torch"])
         ra = algo.label_rollout(algo.imaginary_rollout())
@@ -221,11 +222,10 @@ class TestMUSBO:
         rb = other.label_rollout(other.imaginary_rollout())
         torch.testing.assert_close(ra["uncertainty"], rb["uncertainty"])
         torch.testing.assert_close(ra["action"], rb["action"])
-        with pytest.raises(ValueError, match="alpha"):
-            MUSBO(_cfg(alpha=0.5), data_root=root / "data").load_state_dict(state)
-        bad = dict(state)
-        bad.pop("labeler")
-        with pytest.raises(KeyError, match="labeler"):
+        with pytest.raises(ValueError, match="uncertainty.alpha"):
+            MUSBO(_cfg({"uncertainty.alpha": 0.5}), data_root=root / "data").load_state_dict(state)
+        bad = dict(state, strategies={k: v for k, v in state["strategies"].items() if k != "model.labeler"})
+        with pytest.raises(ValueError, match="model.labeler"):
             other.load_state_dict(bad)
 
     def test_deployment_noise_comes_from_the_labeler(self, after_first, tmp_path):
@@ -233,9 +233,9 @@ class TestMUSBO:
         algo, _, root = after_first
         results = {}
         for mode in ("error", "support"):
-            other = MUSBO(_cfg(exploration_mode=mode), data_root=tmp_path / mode)
+            other = MUSBO(_cfg({"exploration.mode": mode}), data_root=tmp_path / mode)
             state = algo.state_dict()
-            state["config"]["exploration_mode"] = mode
+            state["config"]["exploration"]["mode"] = mode
             # same learner state, data of deployment 0 copied into the new buffers
             other.buffers.add_deployment(algo.buffers.as_tensordict(0), policy_version=0,
                                          metadata=algo.buffers.metadata(0))

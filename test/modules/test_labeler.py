@@ -10,6 +10,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 from torchrl_depeff.modules.actors import make_gaussian_actor, UncertaintyActionNoise
+from torchrl_depeff.trainers import EnsembleTrainer
 from torchrl_depeff.modules.labeler import (
     bc_weights,
     disagreement_weight,
@@ -97,8 +98,15 @@ def test_labeler_config_follows_app_f_and_validates():
     labeler = UncertaintyLabeler(3, 2)  # paper defaults
     assert labeler.num_members == 3 and labeler.ensemble.probabilistic
     assert [layer.out_features for layer in labeler.ensemble.network.layers][:2] == [1024, 1024]
-    tr = labeler.trainer
-    assert tr.patience == 3 and tr.holdout_ratio == 0.15 and tr.optimizer.param_groups[0]["lr"] == 1e-3
+    # a pure module: MUSBO App. F's fit settings live in the config (MUSBOConfig.labeler)
+    from torchrl_depeff.algorithms.musbo import MUSBOConfig
+
+    fit = MUSBOConfig().labeler
+    assert (fit.num_members, fit.patience, fit.holdout_ratio, fit.lr, fit.batch_size) == (3, 3, 0.15, 1e-3, 256)
+    with pytest.raises(AttributeError, match="EnsembleTrainer"):
+        labeler.fit(TensorDict({}, []))
+    with pytest.raises(TypeError, match="no longer fits itself"):
+        UncertaintyLabeler(3, 2, lr=1e-3)
     with pytest.raises(ValueError, match=r"K >= 2.*got 1"):
         UncertaintyLabeler(3, 2, num_members=1)
     with pytest.raises(ValueError, match="member_reduction"):
@@ -119,7 +127,8 @@ def one_thread():
 
 def test_labeler_fit_gives_higher_support_in_distribution(one_thread):
     torch.manual_seed(0)
-    labeler = UncertaintyLabeler(OBS, ACT, num_members=3, num_cells=(32, 32), max_epochs=20, batch_size=64)
+    labeler = UncertaintyLabeler(OBS, ACT, num_members=3, num_cells=(32, 32))
+    trainer = EnsembleTrainer(labeler.ensemble, loss_type="nll", max_epochs=20, batch_size=64, patience=3)
 
     def data(n, shift):
         obs = torch.rand(n, OBS) + shift
@@ -127,7 +136,7 @@ def test_labeler_fit_gives_higher_support_in_distribution(one_thread):
         nxt = obs + torch.cat([act, torch.sin(3 * obs[:, :1])], -1)
         return TensorDict({"observation": obs, "action": act, ("next", "observation"): nxt}, [n])
 
-    result = labeler.fit(data(600, 0.0))
+    result = trainer.fit(data(600, 0.0))
     assert result.holdout_loss.shape == (3,)
     u_in = labeler(data(500, 0.0))["uncertainty"].mean()
     u_out = labeler(data(500, 4.0))["uncertainty"].mean()  # far outside the training region
@@ -357,8 +366,8 @@ def test_pipeline_on_model_env_rollout(one_thread):
     obs = torch.randn(300, OBS)
     act = torch.rand(300, ACT) * 2 - 1
     real = TensorDict({"observation": obs, "action": act, ("next", "observation"): obs + 0.1 * act}, [300])
-    labeler = _small_labeler(max_epochs=5)
-    labeler.fit(real)
+    labeler = _small_labeler()
+    EnsembleTrainer(labeler.ensemble, loss_type="nll", max_epochs=5).fit(real)
     bc_weights(labeler(real))
     assert real["bc_weight"].shape == (300, 1)
     actor = make_gaussian_actor(OBS, ACT, num_cells=(8,))

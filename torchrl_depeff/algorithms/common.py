@@ -8,6 +8,7 @@ one, never a truncated file.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +17,14 @@ from typing import Any, Mapping
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["atomic_save", "load_checkpoint", "config_diff", "episode_start_states"]
+__all__ = [
+    "atomic_save",
+    "completed_episode_returns",
+    "config_diff",
+    "episode_start_states",
+    "load_checkpoint",
+    "write_json_atomic",
+]
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -159,3 +167,57 @@ def episode_start_states(data: TensorDictBase) -> TensorDict:
         start[1:] = done[:-1]
         first = start.nonzero().squeeze(-1)
     return TensorDict({"observation": obs[first]}, batch_size=[first.numel()])
+
+
+def completed_episode_returns(data: TensorDictBase) -> torch.Tensor:
+    """Undiscounted returns of the episodes that end (``("next", "done")``) inside ``data``.
+
+    Episodes are grouped by ``("collector", "traj_ids")`` when present (collector output, any row
+    order), otherwise the rows must be in time order and an episode ends at each ``done``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.algorithms.common import completed_episode_returns
+        >>> td = TensorDict({("next", "reward"): torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).unsqueeze(-1),
+        ...                  ("next", "done"): torch.tensor([0, 1, 0, 1, 0]).bool().unsqueeze(-1)}, [5])
+        >>> completed_episode_returns(td).tolist()
+        [3.0, 7.0]
+    """
+    data = data.reshape(-1)
+    done = data.get(("next", "done")).reshape(-1)
+    reward = data.get(("next", "reward")).reshape(-1)
+    traj = data.get(("collector", "traj_ids"), None)
+    if traj is None:
+        episode = torch.cat([done.new_zeros(1, dtype=torch.long), done[:-1].long().cumsum(0)])
+    else:
+        _, episode = torch.unique(traj.reshape(-1), return_inverse=True)
+    n = int(episode.max()) + 1
+    sums = torch.zeros(n, dtype=reward.dtype).index_add_(0, episode, reward)
+    ended = torch.zeros(n, dtype=torch.long).index_add_(0, episode, done.long()) > 0
+    return sums[ended]
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temp file + fsync + ``os.replace`` (NaN allowed).
+
+    Examples:
+        >>> import tempfile, os, json
+        >>> from torchrl_depeff.algorithms.common import write_json_atomic
+        >>> path = write_json_atomic([{"a": float("nan")}], os.path.join(tempfile.mkdtemp(), "m.json"))
+        >>> json.loads(path.read_text())[0]["a"] != json.loads(path.read_text())[0]["a"]  # NaN
+        True
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -553,17 +553,57 @@ class DeploymentCollector:
         self.policy_version += 1
         return self.policy_hash
 
-    def collect(self, num_transitions: int, *, seed: int | None = None) -> tuple[TensorDictBase, dict]:
-        """Run one deployment of ``num_transitions`` with the deployed copy."""
+    def collect(
+        self,
+        num_transitions: int,
+        *,
+        seed: int | None = None,
+        deployment: int | None = None,
+        exploration: TensorDictModuleBase | None = None,
+        exploration_type: ExplorationType | None = None,
+    ) -> tuple[TensorDictBase, dict]:
+        """Run one deployment of ``num_transitions`` with the deployed copy.
+
+        Args:
+            num_transitions (int): ``B``.
+
+        Keyword Args:
+            seed (int, optional): collector seed.
+            deployment (int, optional): index written to the rows (default: the internal
+                counter, bumped by every call).
+            exploration (TensorDictModuleBase, optional): exploration of this deployment only
+                (default: the constructor's).
+            exploration_type (ExplorationType, optional): how the policy is run for this
+                deployment (default: the constructor's, else ``RANDOM``).
+        """
+        kwargs = dict(self.collect_kwargs)
+        if exploration_type is not None:
+            kwargs["exploration_type"] = exploration_type
+        k = self.deployment if deployment is None else int(deployment)
         data, info = collect_deployment(
             self.frozen_policy,
             self.env,
             num_transitions,
-            exploration=self.exploration,
-            deployment=self.deployment,
+            exploration=self.exploration if exploration is None else exploration,
+            deployment=k,
             policy_version=self.policy_version,
             seed=seed,
-            **self.collect_kwargs,
+            **kwargs,
         )
-        self.deployment += 1
+        self.deployment = k + 1
         return data, info
+
+    def state_dict(self) -> dict:
+        """The deployed weights and the counters (``weights_only``-loadable)."""
+        return {
+            "frozen_policy": self.frozen_policy.state_dict(),
+            "policy_version": self.policy_version,
+            "deployment": self.deployment,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output."""
+        with torch.no_grad():
+            self.frozen_policy.load_state_dict(state["frozen_policy"])
+        self.policy_version = int(state["policy_version"])
+        self.deployment = int(state["deployment"])

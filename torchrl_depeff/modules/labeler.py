@@ -22,7 +22,7 @@ differentiates through them, so no gradient reaches the labeler from the policy 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, TYPE_CHECKING
+from typing import Any, Sequence
 
 import torch
 from tensordict import TensorDictBase
@@ -31,9 +31,6 @@ from tensordict.utils import NestedKey
 from torch import nn
 
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torchrl_depeff.trainers.dynamics import FitResult
 
 __all__ = [
     "UncertaintyLabeler",
@@ -262,10 +259,12 @@ def bc_weights(
 class UncertaintyLabeler(TensorDictModuleBase):
     r"""MUSBO's uncertainty labeler ``P_hat`` (sec. 3.2, eq. (9)-(10), App. F).
 
-    A separate probabilistic ensemble (PNN, Chua et al. 2018) of ``K`` members trained with the
-    Gaussian NLL of eq. (10) by :class:`~torchrl_depeff.trainers.EnsembleTrainer` (Adam ``1e-3``,
-    85/15 holdout, per-member early stopping with patience 3, MUSBO App. F), distinct from the
-    dynamics ensemble ``T_hat`` so that errors of one do not propagate to the other.
+    A separate probabilistic ensemble (PNN, Chua et al. 2018) of ``K`` members, distinct from the
+    dynamics ensemble ``T_hat`` so that errors of one do not propagate to the other. It is a pure
+    module: fit its :attr:`ensemble` with the Gaussian NLL of eq. (10) by
+    :class:`~torchrl_depeff.trainers.EnsembleTrainer` (MUSBO App. F: Adam ``1e-3``, batch 256,
+    85/15 holdout, per-member early stopping with patience 3), e.g.
+    ``EnsembleTrainer(labeler.ensemble, loss_type="nll", patience=3).fit(data)``.
 
     :meth:`forward` reads ``"observation"``, ``"action"`` and ``("next", "observation")`` and
     writes ``"uncertainty"`` ``[*B, 1]`` = ``U_hat`` of eq. (9) (see
@@ -277,11 +276,7 @@ class UncertaintyLabeler(TensorDictModuleBase):
 
     Which data to fit is the caller's choice: the paper's sec. 3.2 fits ``P_hat`` on batches
     ``B(1..i-1)`` and labels the newest batch ``B(i)`` (its errors then measure novelty), while
-    issue 6 / App. F fit it on all deployment data.
-
-    Checkpointing: :meth:`state_dict` holds the ensemble (parameters, normalisers); the Adam state
-    and counters of the fit, kept across calls (warm start), are in
-    ``labeler.trainer.state_dict()``.
+    App. F fits it on all deployment data (what :class:`~torchrl_depeff.algorithms.MUSBO` does).
 
     Args:
         observation_dim (int): state size ``d``.
@@ -291,29 +286,25 @@ class UncertaintyLabeler(TensorDictModuleBase):
 
     Keyword Args:
         member_reduction (str): ``"equation"`` or ``"max_error"``. Defaults to ``"equation"``.
-        lr (float): Adam learning rate. Defaults to ``1e-3``.
-        batch_size (int): fit minibatch per member. Defaults to ``256``.
-        holdout_ratio (float): holdout fraction. Defaults to ``0.15``.
-        patience (int): early-stopping patience in epochs. Defaults to ``3``.
-        max_epochs (int): epoch cap per :meth:`fit`. Defaults to ``100``.
         activation (type): hidden activation. Defaults to ``nn.ReLU``.
         uncertainty_key (NestedKey): entry written. Defaults to ``"uncertainty"``.
         chunk_size (int): rows per batched call in :meth:`forward`. Defaults to ``65536``.
-        seed (int): seed of the holdout split and shuffling. Defaults to ``0``.
-        logger (torchrl Logger, optional): passed to the trainer.
 
     Examples:
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.modules.labeler import UncertaintyLabeler
-        >>> labeler = UncertaintyLabeler(3, 1, num_members=3, num_cells=(16,), max_epochs=2)
+        >>> from torchrl_depeff.trainers import EnsembleTrainer
+        >>> labeler = UncertaintyLabeler(3, 1, num_members=3, num_cells=(16,))
         >>> obs, act = torch.randn(64, 3), torch.randn(64, 1)
         >>> data = TensorDict({"observation": obs, "action": act,
         ...                    ("next", "observation"): obs + 0.1 * act}, [64])
-        >>> result = labeler.fit(data)
+        >>> result = EnsembleTrainer(labeler.ensemble, loss_type="nll", max_epochs=2).fit(data)
         >>> u = labeler(data)["uncertainty"]
         >>> u.shape, bool(((u >= 0) & (u <= 1)).all()), u.requires_grad
         (torch.Size([64, 1]), True, False)
     """
+
+    _MOVED = ("lr", "batch_size", "holdout_ratio", "patience", "max_epochs", "seed", "logger")
 
     def __init__(
         self,
@@ -323,18 +314,20 @@ class UncertaintyLabeler(TensorDictModuleBase):
         num_cells: Sequence[int] = (1024, 1024),
         *,
         member_reduction: str = "equation",
-        lr: float = 1e-3,
-        batch_size: int = 256,
-        holdout_ratio: float = 0.15,
-        patience: int = 3,
-        max_epochs: int = 100,
         activation: type[nn.Module] = nn.ReLU,
         uncertainty_key: NestedKey = "uncertainty",
         chunk_size: int = 65536,
-        seed: int = 0,
-        logger: Any | None = None,
+        **fit_kwargs: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(fit_kwargs) - set(self._MOVED))
+        if unknown:
+            raise TypeError(f"UncertaintyLabeler got unexpected keyword arguments {unknown}")
+        if fit_kwargs:
+            raise TypeError(
+                f"UncertaintyLabeler no longer fits itself: {sorted(fit_kwargs)} are arguments of "
+                "torchrl_depeff.trainers.EnsembleTrainer(labeler.ensemble, loss_type='nll', ...)"
+            )
         if not isinstance(num_members, int) or num_members < 2:
             raise ValueError(
                 "the uncertainty labeler needs num_members K >= 2 (MUSBO eq. 12 samples a pair), "
@@ -356,31 +349,18 @@ class UncertaintyLabeler(TensorDictModuleBase):
             observation_dim, action_dim, num_members=num_members, num_cells=num_cells,
             activation=activation, probabilistic=True, predict_reward=False,
         )
-        # imported here: trainers -> objectives -> modules would otherwise be a cycle when
-        # ``torchrl_depeff.objectives`` is the first package a script imports
-        from torchrl_depeff.trainers.dynamics import EnsembleTrainer
-
-        self.trainer = EnsembleTrainer(
-            self.ensemble, lr=lr, batch_size=batch_size, holdout_ratio=holdout_ratio,
-            patience=patience, max_epochs=max_epochs, loss_type="nll", seed=seed, logger=logger,
-        )
 
     @property
     def num_members(self) -> int:
         """Ensemble size ``K``."""
         return self.ensemble.num_members
 
-    def fit(self, data: TensorDictBase) -> FitResult:
-        """Fit ``P_hat`` on transitions (eq. (10), Gaussian NLL) with early stopping.
-
-        Args:
-            data (TensorDictBase): ``"observation"``, ``"action"``, ``("next", "observation")``,
-                any batch shape.
-
-        Returns:
-            the trainer's :class:`~torchrl_depeff.trainers.FitResult`.
-        """
-        return self.trainer.fit(data)
+    def fit(self, data: TensorDictBase) -> Any:
+        """Removed: the labeler is a pure module (see the class doc)."""
+        raise AttributeError(
+            "UncertaintyLabeler.fit was removed: fit the labeler with "
+            "torchrl_depeff.trainers.EnsembleTrainer(labeler.ensemble, loss_type='nll', ...).fit(data)"
+        )
 
     @torch.no_grad()
     def predict(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
