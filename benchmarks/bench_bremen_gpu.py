@@ -52,33 +52,28 @@ def _finite(metrics: dict) -> dict:
 
 def make_config(device: str, reduced: bool, cpu_iterations: int, num_envs: int, seed: int) -> tuple[BREMENConfig, dict]:
     """BREMEN's HalfCheetah preset (Table 4), reduced on CPU; returns the config and the reduction."""
-    paper = BREMENConfig.paper("halfcheetah", device=device, num_envs=num_envs, seed=seed,
-                               collect_frames_per_batch=50 * num_envs)
+    paper = BREMENConfig.paper("halfcheetah", device=device, seed=seed).override(
+        {"deployment.num_envs": num_envs, "deployment.frames_per_batch": 50 * num_envs})
     if not reduced:
         return paper, {}
     r = CPU_REDUCTION
-    cfg = BREMENConfig.paper(
-        "halfcheetah",
-        device=device,
-        num_envs=num_envs,
-        seed=seed,
-        collect_frames_per_batch=50 * num_envs,
-        deployment_size=paper.deployment_size // r["deployment_size_div"],
-        trpo_batch_size=paper.trpo_batch_size // r["trpo_batch_size_div"],
-        iterations_per_deployment=cpu_iterations,
-        dynamics_max_epochs=min(paper.dynamics_max_epochs, r["max_epochs_cap"]),
-        bc_max_epochs=min(paper.bc_max_epochs, r["max_epochs_cap"]),
-        eval_episodes=r["eval_episodes"],
-        log_interval=max(1, cpu_iterations),
-        checkpoint_interval=10**9,
-    )
+    cfg = paper.override({
+        "deployment.size": paper.deployment.size // r["deployment_size_div"],
+        "trpo.batch_size": paper.trpo.batch_size // r["trpo_batch_size_div"],
+        "trpo.iterations": cpu_iterations,
+        "model.max_epochs": min(paper.model.max_epochs, r["max_epochs_cap"]),
+        "bc.max_epochs": min(paper.bc.max_epochs, r["max_epochs_cap"]),
+        "evaluation.episodes": r["eval_episodes"],
+        "log_interval": max(1, cpu_iterations),
+        "checkpoint_interval": 10**9,
+    })
     reduction = {
-        "deployment_size": [paper.deployment_size, cfg.deployment_size],
-        "trpo_batch_size": [paper.trpo_batch_size, cfg.trpo_batch_size],
-        "iterations_per_deployment": [paper.iterations_per_deployment, cfg.iterations_per_deployment],
-        "dynamics_max_epochs": [paper.dynamics_max_epochs, cfg.dynamics_max_epochs],
-        "bc_max_epochs": [paper.bc_max_epochs, cfg.bc_max_epochs],
-        "eval_episodes": [paper.eval_episodes, cfg.eval_episodes],
+        "deployment.size": [paper.deployment.size, cfg.deployment.size],
+        "trpo.batch_size": [paper.trpo.batch_size, cfg.trpo.batch_size],
+        "trpo.iterations": [paper.trpo.iterations, cfg.trpo.iterations],
+        "model.max_epochs": [paper.model.max_epochs, cfg.model.max_epochs],
+        "bc.max_epochs": [paper.bc.max_epochs, cfg.bc.max_epochs],
+        "evaluation.episodes": [paper.evaluation.episodes, cfg.evaluation.episodes],
     }
     return cfg, reduction
 
@@ -114,7 +109,7 @@ def main() -> None:
         phases = (
             ("collect", algo.collect),
             ("fit", algo.fit_model),
-            ("bc", algo.behaviour_clone),
+            ("pretrain", algo.pretrain),
             ("optimize", algo.optimize_policy),
             ("evaluate", algo.evaluate),
         )
@@ -127,14 +122,14 @@ def main() -> None:
             total += seconds
             rec = {"figure": "phase", "phase": name, "seconds": round(seconds, 3), **base,
                    "metrics": _finite(metrics), "load_avg_1min": _load()}
-            if name == "optimize" and cfg.iterations_per_deployment > 0:
-                per_it = seconds / cfg.iterations_per_deployment
+            if name == "optimize" and cfg.trpo.iterations > 0:
+                per_it = seconds / cfg.trpo.iterations
                 rec["seconds_per_iteration"] = round(per_it, 4)
-                rec["imaginary_transitions_per_s"] = round(cfg.trpo_batch_size / per_it, 1)
+                rec["imaginary_transitions_per_s"] = round(cfg.trpo.batch_size / per_it, 1)
                 if reduced:
                     rec["extrapolated_seconds_2000_iterations_at_reduced_batch"] = round(2000 * per_it, 1)
             if name == "collect":
-                rec["transitions_per_s"] = round(cfg.deployment_size / seconds, 1)
+                rec["transitions_per_s"] = round(cfg.deployment.size / seconds, 1)
             print(json.dumps(rec), flush=True)
         print(json.dumps({"figure": "total", "seconds": round(total, 3), **base, "load_avg_1min": _load()}),
               flush=True)

@@ -200,3 +200,16 @@ def test_quick_preset_learns_halfcheetah(tmp_path):
     first = history[0]["deployment/return_mean"]
     final = history[-1]["eval/return_mean"]
     assert final > first + 250, (first, final)
+
+
+def test_readme_own_script_runs(tmp_path, capsys):
+    """README's "BREMEN in your own script" block runs as written (smoke preset, a temp run_dir)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### BREMEN in your own script"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    assert 'preset("halfcheetah", "quick")' in code and "algo.end_deployment()" in code
+    code = code.replace('"quick"', '"smoke"').replace('"runs/my_bremen"', repr(str(tmp_path / "mine")))
+    code = code.replace('"trpo.iterations": 20', '"trpo.iterations": 2')
+    exec(compile(code, "README.md", "exec"), {})
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # one line per deployment
+    assert json.loads((tmp_path / "mine" / "metrics.json").read_text())[-1]["deployment/count"] == 3

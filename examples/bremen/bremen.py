@@ -22,8 +22,9 @@ import torch
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from examples.bremen.utils import make_logger, offline_dataset, write_report
+from examples.bremen.utils import offline_dataset, write_report
 from torchrl_depeff.algorithms import BREMEN, BREMENConfig
+from torchrl_depeff.algorithms.common import make_logger
 from torchrl_depeff.algorithms.hydra_configs import register_configs
 from torchrl_depeff.collectors import DeploymentRefused
 
@@ -40,7 +41,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
 
     # Create the logger and the loop (real env, K dynamics models, policy, buffers); a run_dir
     # holding a checkpoint is resumed (a different config is refused, naming the keys)
-    logger = make_logger(cfg.logger, run_dir, "bremen")
+    logger = make_logger(cfg.logger.backend, run_dir, "bremen", project=cfg.logger.project)
     dataset = offline_dataset(cfg, config, run_dir) if config.mode == "offline" else None
     algo = BREMEN(config, run_dir=run_dir, logger=logger, progress=True, dataset=dataset)
 

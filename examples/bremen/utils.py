@@ -1,13 +1,11 @@
-"""Helpers of the BREMEN example: logger, Alg. 2 dataset, report."""
+"""Helpers of the BREMEN example: the Alg. 2 dataset and the report."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torchrl.record.loggers import get_logger
 
 from torchrl_depeff.algorithms import BREMENConfig
 from torchrl_depeff.algorithms.checkpoints import load_policy
@@ -16,23 +14,6 @@ from torchrl_depeff.envs import make_env
 from torchrl_depeff.metrics_plots import BREMEN_COLUMNS, markdown_table, plot_returns
 
 log = logging.getLogger(__name__)
-
-# ====================================================================
-# Logger
-# --------------------------------------------------------------------
-
-
-def make_logger(cfg: DictConfig, run_dir: Path, name: str) -> Any:
-    """TorchRL's logger of ``cfg.backend`` under ``run_dir/logs/<name>`` (``None`` for ``none``)."""
-    backend = cfg.backend
-    valid = ("csv", "tensorboard", "wandb", "none")
-    if backend not in valid:
-        raise ValueError(f"logger.backend must be one of {list(valid)}, got {backend!r}")
-    if backend == "none":
-        return None
-    kwargs = {"wandb_kwargs": {"project": cfg.project}} if backend == "wandb" else {}
-    return get_logger(backend, logger_name=str(run_dir / "logs"), experiment_name=name, **kwargs)
-
 
 # ====================================================================
 # Alg. 2 dataset

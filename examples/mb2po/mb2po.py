@@ -23,9 +23,9 @@ import torch
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from examples.bremen.utils import make_logger
 from examples.mb2po.utils import dataset_summary, load_or_make_dataset, plot_learning_curve
 from torchrl_depeff.algorithms import MB2PO, MB2POConfig, write_json_atomic
+from torchrl_depeff.algorithms.common import make_logger
 from torchrl_depeff.algorithms.hydra_configs import register_configs
 
 log = logging.getLogger("mb2po")
@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     # The offline dataset D_beta (D4RL, Minari or generated locally), the logger and the loop
     dataset, source = load_or_make_dataset(cfg, run_dir)
     log.info("dataset %s: %s", source, dataset_summary(dataset))
-    logger = make_logger(cfg.logger, run_dir, "mb2po")
+    logger = make_logger(cfg.logger.backend, run_dir, "mb2po", project=cfg.logger.project)
     algo = MB2PO(config, dataset=dataset, dataset_source=source, run_dir=run_dir, logger=logger, progress=True)
 
     # ALGO LOGIC: MB2PO Alg. 1 (one offline "deployment")

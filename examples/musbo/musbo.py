@@ -22,9 +22,9 @@ import torch
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from examples.bremen.utils import make_logger
 from examples.musbo.utils import write_report
 from torchrl_depeff.algorithms import MUSBO, MUSBOConfig
+from torchrl_depeff.algorithms.common import make_logger
 from torchrl_depeff.algorithms.hydra_configs import register_configs
 from torchrl_depeff.collectors import DeploymentRefused
 
@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
 
     # Create the logger and the loop (real env, dynamics ensemble T_hat, labeler P_hat, policy,
     # buffers); a run_dir holding a checkpoint is resumed (a different config is refused)
-    logger = make_logger(cfg.logger, run_dir, "musbo")
+    logger = make_logger(cfg.logger.backend, run_dir, "musbo", project=cfg.logger.project)
     algo = MUSBO(config, run_dir=run_dir, logger=logger, progress=True)
 
     # ALGO LOGIC: MUSBO Alg. 1

@@ -60,6 +60,7 @@ from torchrl_depeff.algorithms.components import (
     trpo_loss_factory,
 )
 from torchrl_depeff.algorithms.config import (
+    apply_preset,
     apply_table_row,
     BCConfig,
     check_choice,
@@ -315,12 +316,9 @@ class BREMENConfig(ConfigBase):
             >>> cfg.deployment.size, cfg.trpo.iterations, cfg.trpo.max_kl
             (4000, 60, 0.1)
         """
-        cfg = cls.paper(task)
-        if preset != "paper":
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; valid presets are {['paper', *PRESETS]}")
-            cfg = cfg.override({**PRESETS[preset], **_PRESET_TASK_ADJUSTMENTS.get(preset, {}).get(task, {})})
-        return cfg.override(overrides) if overrides else cfg
+        presets = {name: {**values, **_PRESET_TASK_ADJUSTMENTS.get(name, {}).get(task, {})}
+                   for name, values in PRESETS.items()}
+        return apply_preset(cls.paper(task), preset, presets, overrides)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> BREMENConfig:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from torchrl.record.loggers import get_logger
 
 __all__ = [
     "atomic_save",
@@ -23,6 +24,7 @@ __all__ = [
     "config_diff",
     "episode_start_states",
     "load_checkpoint",
+    "make_logger",
     "write_json_atomic",
 ]
 
@@ -221,3 +223,36 @@ def write_json_atomic(obj: Any, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+LOGGER_BACKENDS: tuple[str, ...] = ("csv", "tensorboard", "wandb", "mlflow", "none")
+
+
+def make_logger(backend: str, run_dir: str | Path, name: str, *, project: str | None = None) -> Any:
+    """TorchRL's logger of ``backend`` writing under ``run_dir/logs/<name>`` (``None`` for ``"none"``).
+
+    The one logger factory of the package's examples and benchmarks: TorchRL's
+    :func:`~torchrl.record.loggers.get_logger` with the run layout (``logs/<algorithm>/``).
+
+    Args:
+        backend (str): ``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"`` or ``"none"``.
+        run_dir (str | Path): the run's output directory.
+        name (str): experiment name (the algorithm: ``"bremen"``, ``"musbo"``, ``"mb2po"``).
+
+    Keyword Args:
+        project (str, optional): wandb project.
+
+    Examples:
+        >>> import tempfile
+        >>> from torchrl_depeff.algorithms.common import make_logger
+        >>> logger = make_logger("csv", tempfile.mkdtemp(), "bremen")
+        >>> logger.log_scalar("eval/return_mean", 1.0, step=0)
+        >>> make_logger("none", "unused", "bremen") is None
+        True
+    """
+    if backend not in LOGGER_BACKENDS:
+        raise ValueError(f"logger backend must be one of {list(LOGGER_BACKENDS)}, got {backend!r}")
+    if backend == "none":
+        return None
+    kwargs = {"wandb_kwargs": {"project": project}} if backend == "wandb" and project else {}
+    return get_logger(backend, logger_name=str(Path(run_dir) / "logs"), experiment_name=name, **kwargs)

@@ -36,6 +36,7 @@ __all__ = [
     "PolicyConfig",
     "Section",
     "TRPOConfig",
+    "apply_preset",
     "apply_table_row",
 ]
 
@@ -229,6 +230,22 @@ class Section:
                     node = node[part]
                     owner = tp
         return type(self).from_dict(tree)
+
+
+def apply_preset(cfg: T, preset: str, presets: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any]) -> T:
+    """``cfg`` with the dotted overrides of ``presets[preset]`` (``"paper"``: none), then ``overrides``.
+
+    Examples:
+        >>> from torchrl_depeff.algorithms.bremen import BREMENConfig
+        >>> from torchrl_depeff.algorithms.config import apply_preset
+        >>> apply_preset(BREMENConfig(), "fast", {"fast": {"trpo.iterations": 5}}, {}).trpo.iterations
+        5
+    """
+    if preset != "paper":
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; valid presets are {['paper', *presets]}")
+        cfg = cfg.override(presets[preset])
+    return cfg.override(overrides) if overrides else cfg
 
 
 def apply_table_row(cfg: T, row: Mapping[str, Any], columns: Mapping[str, str | Sequence[str]]) -> T:

@@ -67,6 +67,7 @@ from torchrl.objectives import SoftUpdate
 from torchrl_depeff.algorithms.bremen import ACTIVATION_MODULES, make_trainer
 from torchrl_depeff.algorithms.components import EnsembleFit, OfflineDataset, RealEnvEvaluation
 from torchrl_depeff.algorithms.config import (
+    apply_preset,
     apply_table_row,
     check_cells,
     check_choice,
@@ -396,12 +397,7 @@ class MB2POConfig(ConfigBase):
             >>> MB2POConfig.preset("hopper", "medium", "quick").awac.pretrain_steps
             1500
         """
-        cfg = cls.paper(task, dataset)
-        if preset != "paper":
-            if preset not in MB2PO_PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; valid presets are {['paper', *MB2PO_PRESETS]}")
-            cfg = cfg.override(MB2PO_PRESETS[preset])
-        return cfg.override(overrides) if overrides else cfg
+        return apply_preset(cls.paper(task, dataset), preset, MB2PO_PRESETS, overrides)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> MB2POConfig:

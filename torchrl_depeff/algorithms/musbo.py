@@ -76,6 +76,7 @@ from torchrl_depeff.algorithms.bremen import (
 )
 from torchrl_depeff.algorithms.components import EnsembleFit
 from torchrl_depeff.algorithms.config import (
+    apply_preset,
     apply_table_row,
     BCConfig,
     check_bool,
@@ -336,12 +337,7 @@ class MUSBOConfig(BREMENConfig):
             >>> MUSBOConfig.preset("hopper", "quick").labeler.num_cells
             (200, 200)
         """
-        cfg = cls.paper(task, budget=budget)
-        if preset != "paper":
-            if preset not in MUSBO_PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; valid presets are {['paper', *MUSBO_PRESETS]}")
-            cfg = cfg.override(MUSBO_PRESETS[preset])
-        return cfg.override(overrides) if overrides else cfg
+        return apply_preset(cls.paper(task, budget=budget), preset, MUSBO_PRESETS, overrides)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> MUSBOConfig:
