@@ -23,6 +23,7 @@ PACKAGE = Path(torchrl_depeff.__file__).resolve().parent
 #: layer -> the layers it may import (besides itself)
 ALLOWED: dict[str, set[str]] = {
     "io": set(),
+    "stats": set(),
     "data": {"io"},
     "modules": {"io"},
     "envs": {"modules", "io"},
