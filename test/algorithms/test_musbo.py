@@ -50,6 +50,9 @@ class TestConfig:
         assert (cfg.uncertainty.alpha, lab.num_members, lab.num_cells, lab.lr) == (0.028, 3, (1024, 1024), 1e-3)
         assert (cfg.bc.lr, lab.patience, cfg.model.patience, cfg.bc.data) == (5e-4, 3, 3, "all")
         assert lab.probabilistic and not cfg.model.probabilistic
+        # sec. 4: one sampled model per fictitious trajectory (BREMEN: a member per step)
+        assert cfg.imagination.member_selection == "per_trajectory"
+        assert BREMENConfig.paper(task).imagination.member_selection == "per_step"
 
     def test_table2_values(self):
         # MUSBO Table 2: (L, rollout length, delta)
@@ -137,6 +140,9 @@ class TestMUSBO:
         (used, td), = seen
         assert used is loss
         n, T = algo.config.trpo.batch_size // algo.config.imagination.rollout_length, algo.config.imagination.rollout_length
+        # one dynamics member per imaginary trajectory, the same at every step of it (sec. 4)
+        members = td["model_member"]
+        assert members.shape == (n, T) and bool((members == members[:, :1]).all())
         assert td.batch_size == (n, T)
         d2 = td["uncertainty"]
         assert d2.shape == (n, T, 1) and not d2.requires_grad

@@ -44,6 +44,10 @@ Choices where the paper is silent or ambiguous (each is a :class:`MUSBOConfig` f
   early labeler in a large raw state space) eq. (11) is 0 for any policy; BC then falls back to
   uniform weights (logged as ``bc/uniform_fallback``) rather than keeping the untrained network.
 * **BC data** (``bc.data = "all"``): eq. (11) sums over ``D_all``; BREMEN clones the latest batch.
+* **Imaginary rollouts** (``imagination.member_selection = "per_trajectory"``): sec. 4 samples one
+  dynamics model and rolls the whole fictitious trajectory out with it (Alg. 1's MBRL training
+  draws it per iteration; the text per trajectory: we follow the text, one member per rollout,
+  drawn at reset); BREMEN draws a member every step (eq. 2).
 * **Early stopping patience** (``model.patience = 3``): App. F uses 3 for ``T_hat``, ``P_hat``
   and BC alike.
 * **Labeler data**: App. F fits ``P_hat`` on all deployment data (sec. 3.2 could be read as
@@ -57,7 +61,7 @@ Choices where the paper is silent or ambiguous (each is a :class:`MUSBOConfig` f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -68,6 +72,7 @@ from torchrl._utils import logger as torchrl_logger
 from torchrl.envs.utils import ExplorationType
 
 from torchrl_depeff.algorithms.bremen import (
+    _table_defaults,
     ACTIVATION_MODULES,
     BREMEN,
     BREMENConfig,
@@ -83,6 +88,7 @@ from torchrl_depeff.algorithms.config import (
     check_choice,
     check_float,
     check_int,
+    ImaginationConfig,
     ModelConfig,
     Section,
 )
@@ -236,6 +242,12 @@ class AnalysisConfig(Section):
             check_int(getattr(self, name), f"{prefix}.{name}")
 
 
+def _imagination_defaults() -> ImaginationConfig:
+    # MUSBO sec. 4: "to generate a fictitious trajectory, we first randomly sample a model i ... and
+    # then we roll-out the trajectory": one member per imaginary trajectory
+    return replace(_table_defaults("imagination", ImaginationConfig)(), member_selection="per_trajectory")
+
+
 def _labeler_defaults() -> ModelConfig:
     # MUSBO App. F: K = 3 PNN, 2 x 1024, Adam 1e-3, batch 256, 85/15 split, patience 3
     return ModelConfig(num_members=3, probabilistic=True, batch_size=256, max_epochs=100, patience=3)
@@ -246,7 +258,9 @@ class MUSBOConfig(BREMENConfig):
     """:class:`~torchrl_depeff.algorithms.bremen.BREMENConfig` plus MUSBO's sections (App. E, F).
 
     Defaults are MUSBO's HalfCheetah values (Table 2, App. F). Changed from BREMEN:
-    ``bc.data="all"`` (eq. (11) sums over ``D_all``) and ``model.patience=3`` (App. F).
+    ``bc.data="all"`` (eq. (11) sums over ``D_all``), ``model.patience=3`` (App. F) and
+    ``imagination.member_selection="per_trajectory"`` (sec. 4: one sampled model per fictitious
+    trajectory; BREMEN redraws a member every step).
 
     Args:
         labeler (ModelConfig): the labeler PNN ``P_hat`` (``num_members >= 2``).
@@ -271,6 +285,7 @@ class MUSBOConfig(BREMENConfig):
     name: str = "musbo"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(patience=3))
     bc: BCConfig = field(default_factory=lambda: BCConfig(data="all"))
+    imagination: ImaginationConfig = field(default_factory=_imagination_defaults)
     labeler: ModelConfig = field(default_factory=_labeler_defaults)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
