@@ -1,0 +1,279 @@
+"""Shared machinery of the reproduction commands: run seeds in parallel, JSON lines, IQM + CIs, plots.
+
+Every claim command (``python -m benchmarks.reproduce.<claim>``) builds a list of :class:`Job`
+(algorithm x task x seed, each a full config), runs them ``--jobs`` at a time in worker
+processes with one torch thread each, and appends one JSON line per algorithm x task x seed x
+deployment to ``<out>/results.jsonl``. A job's run directory (``<out>/runs/<job>``) holds the
+loop's checkpoint, so an interrupted command resumes every unfinished job where it stopped and
+skips finished ones (their lines are already in the file).
+
+Aggregation (:func:`summarize`): for every algorithm and task, the interquartile mean over seeds
+of the final evaluation return with a 95 % stratified-bootstrap CI (:mod:`torchrl_depeff.stats`),
+the same per deployment for the plot, and for each pairwise claim the probability of improvement
+(averaged over tasks) with its CI. Results go to ``docs/results/<claim>.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from torchrl_depeff.stats import interval_estimate, iqm, poi_interval_estimate
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "results"
+
+__all__ = ["Job", "parse_args", "run_jobs", "summarize", "write_results"]
+
+
+@dataclass
+class Job:
+    """One run: ``algorithm`` (a label) on ``task`` with ``seed``, built by ``kind`` from ``config``.
+
+    ``kind``: ``"bremen"``, ``"musbo"``, ``"bremen_offline"`` or ``"mb2po"``; ``config`` is the
+    algorithm config's ``to_dict()``; ``extra`` holds kind-specific inputs (dataset spec).
+    """
+
+    claim: str
+    algorithm: str
+    task: str
+    seed: int
+    kind: str
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        extra = "-".join(f"{k}{v}" for k, v in sorted(self.extra.get("label", {}).items()))
+        return f"{self.algorithm}-{self.task}{'-' + extra if extra else ''}-s{self.seed}"
+
+
+def parse_args(description: str, default_seeds: int = 5) -> argparse.Namespace:
+    """``--seeds N`` (default 5), ``--quick`` (smoke scale, seconds), ``--jobs`` (parallel runs), ``--out``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, default=default_seeds, help="seeds per algorithm and task")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny scale, for the tests (not a result)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/reproduce/<claim>)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="where the JSON/plot/markdown go (default: docs/results; --quick: the output directory)")
+    args = p.parse_args()
+    if args.seeds < 1 or args.jobs < 1:
+        p.error(f"--seeds and --jobs must be >= 1, got {args.seeds}, {args.jobs}")
+    return args
+
+
+# ====================================================================
+# Running
+# --------------------------------------------------------------------
+
+
+def _run_job(job: Job, run_dir: str) -> list[dict[str, Any]]:
+    """Run one job to the end in this (worker) process; returns its per-deployment records."""
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.reproduce import runners
+
+    history, extra = runners.RUNNERS[job.kind](job, Path(run_dir))
+    out = []
+    for h in history:
+        rec = {"claim": job.claim, "algorithm": job.algorithm, "task": job.task, "seed": job.seed,
+               **job.extra.get("label", {}), "deployment": int(h.get("deployment/count", 1)),
+               "samples": int(h.get("deployment/samples", 0))}
+        rec.update({k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
+                    for k, v in h.items() if isinstance(v, (int, float))})
+        rec.update(extra)
+        out.append(rec)
+    return out
+
+
+def _worker(job: Job, run_dir: str, queue: Any) -> None:
+    try:
+        queue.put((job.name, _run_job(job, run_dir), None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
+        queue.put((job.name, None, traceback.format_exc()))
+
+
+def run_jobs(jobs: list[Job], out: Path, *, parallel: int = 2, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every job not already in ``out/results.jsonl`` (``parallel`` at a time); return all records."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {json.loads(line)["job"] for line in results.read_text().splitlines()} if results.exists() else set()
+    todo = [j for j in jobs if j.name not in done]
+    log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run, {parallel} at a time")
+
+    def save(name: str, records: list[dict]) -> None:
+        with results.open("a") as f:
+            for rec in records:
+                f.write(json.dumps({"job": name, **rec}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    t0 = time.perf_counter()
+    if parallel == 1:  # in this process, one after the other (no worker start-up cost)
+        for job in todo:
+            start = time.perf_counter()
+            save(job.name, _run_job(job, str(out / "runs" / job.name)))
+            log(f"done {job.name} in {time.perf_counter() - start:.0f} s ({time.perf_counter() - t0:.0f} s elapsed)")
+        return [json.loads(line) for line in results.read_text().splitlines()]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    running: dict[str, tuple[Any, float]] = {}
+    pending = list(todo)
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            proc = ctx.Process(target=_worker, args=(job, str(out / "runs" / job.name), queue))
+            proc.start()
+            running[job.name] = (proc, time.perf_counter())
+        name, records, error = queue.get()
+        proc, start = running.pop(name)
+        proc.join()
+        if error is not None:
+            for other, _ in running.values():
+                other.terminate()
+            raise RuntimeError(f"job {name} failed:\n{error}")
+        save(name, records)
+        log(f"done {name} in {time.perf_counter() - start:.0f} s ({time.perf_counter() - t0:.0f} s elapsed)")
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
+# ====================================================================
+# Aggregation
+# --------------------------------------------------------------------
+
+
+def _group(records: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in records:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return out
+
+
+def final_scores(records: list[dict], metric: str, group: tuple[str, ...] = ("algorithm", "task")) -> dict[tuple, np.ndarray]:
+    """Per group, the ``metric`` of each seed's last deployment, ``[seeds]`` (seed order)."""
+    out = {}
+    for key, rows in _group(records, group).items():
+        last: dict[int, dict] = {}
+        for r in rows:
+            if r["seed"] not in last or r["deployment"] > last[r["seed"]]["deployment"]:
+                last[r["seed"]] = r
+        vals = [last[s].get(metric) for s in sorted(last)]
+        out[key] = np.array([v for v in vals if v is not None], dtype=np.float64)
+    return out
+
+
+def summarize(
+    records: list[dict],
+    *,
+    metric: str = "eval/return_mean",
+    comparisons: list[tuple[str, str]] = (),
+    group: tuple[str, ...] = ("algorithm", "task"),
+    reps: int = 2000,
+) -> dict[str, Any]:
+    """IQM [95 % CI] of the final ``metric`` per group, per-deployment curves and pairwise POIs."""
+    finals = final_scores(records, metric, group)
+    table = []
+    for key, x in sorted(finals.items(), key=lambda kv: [str(v) for v in kv[0]]):
+        point, low, high = interval_estimate(x, iqm, reps=reps) if x.size else (math.nan,) * 3
+        table.append({**dict(zip(group, key)), "iqm": point, "ci_low": low, "ci_high": high, "seeds": int(x.size),
+                      "mean": float(x.mean()) if x.size else math.nan, "scores": x.tolist()})
+    curves = []
+    for key, rows in _group(records, (*group, "deployment")).items():
+        x = np.array([r[metric] for r in rows if r.get(metric) is not None])
+        if x.size:
+            point, low, high = interval_estimate(x, iqm, reps=min(reps, 1000))
+            curves.append({**dict(zip((*group, "deployment"), key)), "samples": rows[0]["samples"], "iqm": point,
+                           "ci_low": low, "ci_high": high, "seeds": int(x.size)})
+    pois = []
+    tasks = sorted({k[1] for k in finals}) if len(group) > 1 else [None]
+    for a, b in comparisons:
+        xa = [finals.get((a, t)) if t is not None else finals.get((a,)) for t in tasks]
+        xb = [finals.get((b, t)) if t is not None else finals.get((b,)) for t in tasks]
+        if any(v is None or v.size == 0 for v in xa + xb):
+            continue
+        n = min(v.size for v in xa + xb)
+        A = np.stack([v[:n] for v in xa], 1)
+        B = np.stack([v[:n] for v in xb], 1)
+        point, low, high = poi_interval_estimate(A, B, reps=reps)
+        pois.append({"x": a, "y": b, "tasks": tasks, "poi": point, "ci_low": low, "ci_high": high, "seeds": n})
+    return {"metric": metric, "final": table, "curves": curves, "poi": pois}
+
+
+def verdict(poi: dict[str, Any]) -> str:
+    """Plain-words verdict of a pairwise claim "x beats y" from its POI CI."""
+    if poi["ci_low"] > 0.5:
+        return "reproduced"
+    if poi["ci_high"] < 0.5:
+        return "reversed"
+    return "not reproduced (CI includes 0.5)"
+
+
+def plot(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...] = ("algorithm", "task")) -> Path:
+    """IQM of ``metric`` (with the 95 % CI band) per deployment, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = summary["curves"]
+    panels = sorted({c.get("task") for c in curves}, key=str)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        rows = [c for c in curves if c.get("task") == task]
+        for label in sorted({tuple(c[g] for g in group if g != "task") for c in rows}, key=str):
+            pts = sorted((c["samples"], c["iqm"], c["ci_low"], c["ci_high"]) for c in rows
+                         if tuple(c[g] for g in group if g != "task") == label)
+            xs, ys, lo, hi = map(list, zip(*pts))
+            ax.plot(xs, ys, "o-", label=" ".join(str(v) for v in label))
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+        ax.set_title(str(task))
+        ax.set_xlabel("real transitions")
+        ax.set_ylabel(summary["metric"] + " (IQM, 95 % CI)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def markdown(summary: dict[str, Any], group: tuple[str, ...] = ("algorithm", "task")) -> str:
+    """Tables of the final IQMs and of the pairwise probabilities of improvement."""
+    lines = ["| " + " | ".join(group) + " | IQM [95 % CI] | mean | seeds |", "|" + "---|" * (len(group) + 3)]
+    for row in summary["final"]:
+        lines.append("| " + " | ".join(str(row[g]) for g in group)
+                     + f" | {row['iqm']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}] | {row['mean']:.1f} | {row['seeds']} |")
+    if summary["poi"]:
+        lines += ["", "| claim | P(X > Y) [95 % CI] | seeds | verdict |", "|---|---|---|---|"]
+        for p in summary["poi"]:
+            lines.append(f"| {p['x']} > {p['y']} | {p['poi']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}] | "
+                         f"{p['seeds']} | {verdict(p)} |")
+    return "\n".join(lines)
+
+
+def write_results(claim: str, records: list[dict], summary: dict[str, Any], meta: dict[str, Any], where: Path,
+                  title: str, group: tuple[str, ...] = ("algorithm", "task")) -> dict[str, Path]:
+    """``<claim>.jsonl`` (the records), ``<claim>.json`` (summary + meta), ``.md`` and ``.png``."""
+    where.mkdir(parents=True, exist_ok=True)
+    paths = {k: where / f"{claim}.{k}" for k in ("jsonl", "json", "md", "png")}
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths["json"].write_text(json.dumps({"claim": claim, "meta": meta, **summary}, indent=1))
+    paths["md"].write_text(f"# {title}\n\n{json.dumps(meta)}\n\n{markdown(summary, group)}\n")
+    plot(summary, paths["png"], title, group)
+    return paths
+
+
+
