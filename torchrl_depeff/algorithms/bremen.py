@@ -401,6 +401,21 @@ def default_env(cfg: BREMENConfig) -> EnvBase | Callable[[], EnvBase]:
     return factory() if d.collector == "single" else factory
 
 
+def check_env(env: EnvBase, task: str) -> None:
+    """Refuse a real env whose observation/action sizes are not the task's (naming both)."""
+    spec = get_task(task)
+    if "observation" not in env.observation_spec.keys():
+        raise ValueError(f"the env has no 'observation' entry (keys {list(env.observation_spec.keys())}); task "
+                         f"{task!r} needs an observation of size {spec.observation_dim}")
+    obs = env.observation_spec["observation"].shape[-1:]
+    act = env.action_spec.shape[-1:]
+    if (tuple(obs), tuple(act)) != ((spec.observation_dim,), (spec.action_dim,)):
+        raise ValueError(
+            f"the env's observation/action sizes ({list(obs)}, {list(act)}) are not task {task!r}'s "
+            f"([{spec.observation_dim}], [{spec.action_dim}]): pass an env of this task or change config.task"
+        )
+
+
 def _action_spec(env: EnvBase | Callable[[], EnvBase], task: str):
     spec = env.action_spec if isinstance(env, EnvBase) else make_env(task).action_spec
     return spec[(0,) * (spec.ndim - 1)] if spec.ndim > 1 else spec
@@ -500,6 +515,10 @@ class BREMEN(DeploymentLoop):
         device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         env = env if env is not None else default_env(cfg)
+        if isinstance(env, EnvBase):
+            check_env(env, cfg.task)
+        if isinstance(eval_env, EnvBase):
+            check_env(eval_env, cfg.task)
         buffers = cls._buffers(run_dir, data_root)
         actor = cfg.make_actor().to(device)
         ensemble = cfg.make_ensemble().to(device)

@@ -85,7 +85,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, zero-byte or corrupted files
+        raise ValueError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) is damaged and cannot be loaded "
+            f"({type(err).__name__}: {err}); remove it to restart from the deployments on disk"
+        ) from err
 
 
 def config_diff(

@@ -178,6 +178,10 @@ class Section:
         kwargs: dict[str, Any] = {}
         for name, value in values.items():
             tp = hints.get(name)
+            if _is_section_type(tp) and not isinstance(value, (Mapping, tp)):
+                raise TypeError(
+                    f"{_path(prefix, name)} must be a mapping of {tp.__name__} fields, got {type(value).__name__} {value!r}"
+                )
             if _is_section_type(tp) and isinstance(value, Mapping):
                 default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else tp()
                 merged = {**default.to_dict(), **value}
