@@ -193,19 +193,25 @@ def test_input_not_mutated():
 
 
 def test_validation_errors():
+    # validation lives in check_inputs (called once per step by trpo_step), not in forward
     actor = _actor()
     td = _batch(actor)
     loss = TRPOLoss(actor)
+    opt = ConjugateGradientTrustRegion(loss)
     bad = td.clone()
     bad["advantage"][3] = float("nan")
     with pytest.raises(ValueError, match="advantage"):
-        loss(bad)
+        loss.check_inputs(bad)
+    with pytest.raises(ValueError, match="advantage"):
+        trpo_step(loss, opt, bad)
     bad = td.clone()
     bad["action_log_prob"][0] = float("inf")
     with pytest.raises(ValueError, match="action_log_prob"):
-        loss(bad)
+        loss.check_inputs(bad)
     with pytest.raises(KeyError, match="scale"):
         loss(td.exclude("scale"))
+    with pytest.raises(KeyError, match="scale"):
+        loss.check_inputs(td.exclude("scale"))
     with pytest.raises(KeyError, match="advantage"):
         loss(td.exclude("advantage"))
     with pytest.raises(TypeError, match="get_dist"):
