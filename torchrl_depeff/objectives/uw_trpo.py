@@ -38,6 +38,7 @@ class UncertaintyWeight(TensorDictModuleBase):
         out_key (NestedKey): weight written, ``[*B]``. Defaults to ``"uncertainty_weight"``.
 
     Examples:
+        >>> import math
         >>> from tensordict import TensorDict
         >>> from torchrl_depeff.objectives.uw_trpo import UncertaintyWeight
         >>> td = UncertaintyWeight(0.5)(TensorDict(uncertainty=torch.tensor([[0.0], [2.0]]), batch_size=[2]))
