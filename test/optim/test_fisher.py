@@ -98,6 +98,26 @@ def test_tanh_normal_fisher_is_the_base_gaussian_hessian():
         torch.testing.assert_close(gn(v), ref(v), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("cells", [(8, 8), (6, 5, 7), (9,)])
+def test_mlp_fvp_with_and_without_the_jacobian_cache(cache, cells):
+    actor = _gaussian(learn_sigma=True, num_cells=cells, activation=nn.Tanh)
+    net = actor.module[0].module
+    obs = torch.randn(11, OBS, dtype=torch.float64)
+    params = list(net.parameters())
+    loc, scale = net(obs)
+    ref = gauss_newton_fvp(loc, scale, params, damping=0.05)
+    fvp = mlp_gaussian_fvp(net, obs, params, damping=0.05, jacobian_cache=cache)
+    for v in _vectors(params):
+        torch.testing.assert_close(fvp(v), ref(v), rtol=1e-9, atol=1e-11)
+    # the first layer alone (the cached Jacobian's only user) and the layers above it alone
+    for sub in ([net.mean_net[0].weight, net.mean_net[0].bias], params[2:]):
+        fvp = mlp_gaussian_fvp(net, obs, sub, jacobian_cache=cache)
+        ref = gauss_newton_fvp(loc, scale, sub)
+        for v in _vectors(sub, 2):
+            torch.testing.assert_close(fvp(v), ref(v), rtol=1e-9, atol=1e-11)
+
+
 def test_mlp_fvp_refuses_foreign_params():
     actor = _gaussian(learn_sigma=True)
     net = actor.module[0].module
