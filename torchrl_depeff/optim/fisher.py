@@ -216,8 +216,9 @@ def mlp_gaussian_fvp(
     (``J v``, the two GEMMs of a layer fused into one) and one backward pass (``J^T w``) on
     activations stored once, at the cost of about four hidden-layer GEMMs.
 
-    With ``jacobian_cache`` (default: when the MLP has at least two hidden layers and the cache
-    holds at most ``max_cache_elements`` floats), the per-state Jacobian of ``loc`` with respect
+    With ``jacobian_cache`` (default: when the MLP has at least two hidden layers, the second
+    hidden layer is at least 16 times wider than the action and the cache holds at most
+    ``max_cache_elements`` floats), the per-state Jacobian of ``loc`` with respect
     to the first hidden layer's output, ``[n, h_0, act]``, is computed once (``act`` GEMMs of the
     second layer's size) and each product reads it twice instead of running the second layer's
     tangent and input-gradient GEMMs: two hidden-layer GEMMs per product instead of four.
@@ -290,7 +291,11 @@ def mlp_gaussian_fvp(
     first_used = w_idx[0] is not None or b_idx[0] is not None
     h0 = linears[0].out_features
     if jacobian_cache is None:
-        jacobian_cache = num >= 3 and first_used and n * h0 * loc.shape[-1] <= max_cache_elements
+        # the cache replaces 2 GEMMs of n x h_0 x h_1 by 2 batched row-matrix products of n x h_0 x act,
+        # which run an order of magnitude below GEMM speed: worth it for wide layers (measured by
+        # benchmarks/bench_trpo.py at 200-200 and bench_trpo_sb3.py at 64-64)
+        jacobian_cache = (num >= 3 and first_used and n * h0 * loc.shape[-1] <= max_cache_elements
+                          and linears[1].out_features >= 16 * loc.shape[-1])
     kt = None
     if jacobian_cache and num >= 3 and first_used:
         with torch.no_grad():  # d loc / d h_0 per state: [n, h_0, act], the 2 GEMMs per product it saves
