@@ -158,7 +158,10 @@ def test_set_keys_rejects_unknown_and_renames():
 def test_reductions(reduction, shape):
     actor = _actor()
     td = _batch(actor)
-    out = TRPOLoss(actor, reduction=reduction, entropy_coef=0.01)(td)
+    out = TRPOLoss(actor, reduction=reduction, entropy_coeff=0.01)(td)
+    with pytest.warns(FutureWarning, match="entropy_coeff"):  # the former keyword still works
+        old = TRPOLoss(actor, reduction=reduction, entropy_coef=0.01)(td)
+    torch.testing.assert_close(old["loss_entropy"], out["loss_entropy"])
     assert out["loss_objective"].shape == shape
     assert out["loss_entropy"].shape == shape
     if reduction == "sum":
