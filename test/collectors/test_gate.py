@@ -10,7 +10,7 @@ from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch.distributions import Normal, kl_divergence
 from torchrl._utils import logger as torchrl_logger
 from torchrl.data import Bounded
-from torchrl.modules import IndependentNormal, ProbabilisticActor
+from torchrl.modules import IndependentNormal, ProbabilisticActor, TanhNormal
 
 from torchrl_depeff.collectors.deployment import freeze_policy
 from torchrl_depeff.collectors.gate import DeploymentGate, DeploymentRefused, GateReport, gaussian_kl
@@ -42,14 +42,57 @@ def shift_loc(actor, delta: float):
     return new
 
 
+def make_tanh_actor(seed: int = 0, shift: float = 3.0) -> ProbabilisticActor:
+    """TorchRL TanhNormal policy whose pre-tanh ``loc`` (about ``shift``) is outside [-1, 1]."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(OBS, 2 * ACT), NormalParamExtractor())
+    with torch.no_grad():
+        net[0].weight.mul_(0.1)
+        net[0].bias.zero_()
+        net[0].bias[:ACT] += shift
+    return ProbabilisticActor(
+        TensorDictModule(net, ["observation"], ["loc", "scale"]),
+        in_keys=["loc", "scale"], out_keys=["action"], distribution_class=TanhNormal,
+        distribution_kwargs={"low": SPEC.space.low, "high": SPEC.space.high},
+    )
+
+
 class TestGaussianKL:
     def test_matches_torch_and_direction(self):
         lp, sp = torch.randn(5, 3), torch.rand(5, 3) + 0.2
         lq, sq = torch.randn(5, 3), torch.rand(5, 3) + 0.2
         ref = kl_divergence(Normal(lp, sp), Normal(lq, sq)).sum(-1)
-        torch.testing.assert_close(gaussian_kl(lp, sp, lq, sq), ref)
+        with pytest.warns(FutureWarning, match="kl_divergence"):
+            got = gaussian_kl(lp, sp, lq, sq)
+        torch.testing.assert_close(got, ref)
         rev = kl_divergence(Normal(lq, sq), Normal(lp, sp)).sum(-1)
-        assert not torch.allclose(gaussian_kl(lp, sp, lq, sq), rev)
+        with pytest.warns(FutureWarning):
+            assert not torch.allclose(gaussian_kl(lp, sp, lq, sq), rev)
+
+
+class TestTanhNormalPolicy:
+    def test_in_bounds_tanh_policy_passes_although_loc_is_outside(self):
+        actor = make_tanh_actor()
+        s = states()
+        with torch.no_grad():
+            out = actor(s.clone())
+        assert (out["loc"].abs() > 1).all()  # the pre-tanh location the former gate checked
+        report = DeploymentGate(max_kl=None, action_spec=SPEC).check(actor, None, s)
+        assert report.passed and report.bounds_violation_fraction == 0.0
+
+    def test_monte_carlo_kl_of_tanh_policies(self):
+        old = make_tanh_actor(shift=0.0)
+        new = shift_loc(old, 0.5)
+        s = states(256)
+        torch.manual_seed(0)
+        report = DeploymentGate(max_kl=10.0, action_spec=SPEC, kl_num_samples=256).check(new, old, s)
+        # same tanh bijection: the KL equals the KL of the pre-tanh Gaussians
+        with torch.no_grad():
+            o, n = old(s.clone()), new(s.clone())
+        exact = kl_divergence(Normal(n["loc"], n["scale"]), Normal(o["loc"], o["scale"])).sum(-1).mean()
+        assert report.kl == pytest.approx(exact.item(), rel=0.05)
+        refused = DeploymentGate(max_kl=0.5 * exact.item(), action_spec=SPEC, on_fail="fallback").check(new, old, s)
+        assert not refused.passed and any("KL" in r for r in refused.reasons)
 
 
 class TestDeploymentGate:

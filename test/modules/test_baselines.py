@@ -5,7 +5,18 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from torchrl.objectives.value.functional import reward2go
+
 from torchrl_depeff.modules.baselines import LinearFeatureBaseline, discounted_returns
+
+
+def _loop_returns(reward, done, gamma):  # the former implementation: backward recursion over time
+    out, running = torch.empty_like(reward), torch.zeros_like(reward.select(-2, 0))
+    not_done = (~done).to(reward.dtype)
+    for t in range(reward.shape[-2] - 1, -1, -1):
+        running = reward.select(-2, t) + gamma * not_done.select(-2, t) * running
+        out.select(-2, t).copy_(running)
+    return out
 
 
 def _rollout(b=6, t=30, obs_dim=3, seed=0):
@@ -22,8 +33,20 @@ def _rollout(b=6, t=30, obs_dim=3, seed=0):
 def test_discounted_returns_hand_computed():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1)
     d = torch.tensor([False, False, True, False]).view(1, 4, 1)
-    out = discounted_returns(r, d, 0.9).flatten()
+    with pytest.warns(FutureWarning, match="reward2go"):
+        out = discounted_returns(r, d, 0.9).flatten()
     torch.testing.assert_close(out, torch.tensor([1 + 0.9 * (2 + 0.9 * 3), 2 + 0.9 * 3, 3.0, 4.0]))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.99, 1.0])
+def test_reward2go_equals_the_former_loop(gamma):
+    td = _rollout(b=4, t=300)
+    td["next", "done"][1, ::37] = True
+    r, d = td["next", "reward"], td["next", "done"]
+    if gamma > 0:  # torchrl's reward2go needs gamma > 0; the wrapper handles 0
+        torch.testing.assert_close(reward2go(r, d, gamma, time_dim=-2), _loop_returns(r, d, gamma), rtol=1e-4, atol=1e-4)
+    with pytest.warns(FutureWarning):
+        torch.testing.assert_close(discounted_returns(r, d, gamma), _loop_returns(r, d, gamma), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_equals_numpy_lstsq_on_ridge_system():
@@ -31,7 +54,7 @@ def test_fit_equals_numpy_lstsq_on_ridge_system():
     base = LinearFeatureBaseline(3, reg_coeff=1e-3)
     coeffs = base.fit(td, gamma=0.95)
     phi = base.features(td["observation"], td["step_count"]).reshape(-1, 10).double().numpy()
-    y = discounted_returns(td["next", "reward"], td["next", "done"], 0.95).reshape(-1).double().numpy()
+    y = _loop_returns(td["next", "reward"], td["next", "done"], 0.95).reshape(-1).double().numpy()
     # ridge as an augmented least-squares problem: [Phi; sqrt(reg) I] w = [y; 0]
     a = np.concatenate([phi, np.sqrt(1e-3) * np.eye(10)])
     rhs = np.concatenate([y, np.zeros(10)])

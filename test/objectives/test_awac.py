@@ -11,6 +11,7 @@ from tensordict.nn import InteractionType, TensorDictModule, set_interaction_typ
 from torch import nn
 from torchrl.modules import MLP, IndependentNormal, ProbabilisticActor, ValueOperator
 from torchrl.objectives import HardUpdate, SoftUpdate
+from torchrl.objectives.utils import ValueEstimators
 
 from torchrl_depeff.modules.mixture import make_gmm_actor
 from torchrl_depeff.objectives.awac import AWACLoss
@@ -78,13 +79,15 @@ def _data(batch=(8,), seed=1, terminated=None):
     )
 
 
-def _quadratic_loss(centres, **kwargs):
+def _quadratic_loss(centres, gamma=None, **kwargs):
     loss = AWACLoss(
         _gaussian_actor(0),
         TensorDictModule(_QuadraticQ(ACT), in_keys=["observation", "action"], out_keys=["state_action_value"]),
         num_qvalue_nets=len(centres),
         **kwargs,
     )
+    if gamma is not None:
+        loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
     with torch.no_grad():
         loss.qvalue_network_params["module", "c"].copy_(torch.tensor(centres))
         loss.target_qvalue_network_params["module", "c"].copy_(torch.tensor(centres) * 0.5)
@@ -302,13 +305,37 @@ class TestAWACLoss:
         assert (online.data == target).all()
 
     def test_bad_input_raises(self):
+        # validation is explicit (check_inputs, one host sync); forward never syncs
         for key in [("next", "reward"), "observation", "action", ("next", "observation")]:
             td = _data()
             td[key][0] = float("nan")
             with pytest.raises(ValueError, match=str(key[-1] if isinstance(key, tuple) else key)):
-                _loss()(td)
+                _loss().check_inputs(td)
         with pytest.raises(KeyError, match="terminated"):
             _loss()(_data().exclude(("next", "terminated")))
+        with pytest.raises(KeyError, match="terminated"):
+            _loss().check_inputs(_data().exclude(("next", "terminated")))
+
+    def test_gamma_through_value_estimator_and_deprecated_ctor(self):
+        centres = [[0.2, -0.1], [0.5, 0.3]]
+        td = _data(batch=(16,))
+        new = _quadratic_loss(centres, reduction="none", gamma=0.9)
+        with pytest.warns(FutureWarning, match="make_value_estimator"):
+            old = AWACLoss(
+                _gaussian_actor(0),
+                TensorDictModule(_QuadraticQ(ACT), in_keys=["observation", "action"], out_keys=["state_action_value"]),
+                num_qvalue_nets=2, reduction="none", gamma=0.9,
+            )
+        old.load_state_dict(new.state_dict())
+        for loss in (new, old):
+            assert float(loss.value_estimator.gamma) == pytest.approx(0.9)
+        torch.manual_seed(4)
+        a = new.qvalue_loss(td)[0]
+        torch.manual_seed(4)
+        b = old.qvalue_loss(td)[0]
+        torch.testing.assert_close(a, b)
+        with pytest.warns(FutureWarning, match="check_inputs"):
+            _loss(check_inputs=False)
 
     @pytest.mark.parametrize(
         "kwargs, match",
@@ -320,6 +347,8 @@ class TestAWACLoss:
             ({"target_quantile": 1.5}, "target_quantile"),
             ({"num_value_samples": 0}, "num_value_samples"),
             ({"gamma": 1.5}, "gamma"),
+            ({"awac_lambda": float("nan")}, "awac_lambda"),
+            ({"num_qvalue_nets": 0}, "num_qvalue_nets"),
             ({"reduction": "max"}, "reduction"),
             ({"critic_kernel": "bmm"}, "critic_kernel"),
         ],

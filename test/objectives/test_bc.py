@@ -1,4 +1,4 @@
-"""Tests for BCLoss (BREMEN eq. 3, MUSBO eq. 11) and train_bc."""
+"""Tests for WeightedBCLoss (BREMEN eq. 3, MUSBO eq. 11) and train_bc."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 
-from torchrl_depeff.objectives.bc import BCLoss, train_bc
+from torchrl_depeff.objectives.bc import BCLoss, WeightedBCLoss, train_bc
 
 
 class _LocScale(nn.Module):
@@ -50,146 +50,148 @@ def _data(batch=(8,), obs_dim=3, act_dim=2, seed=1):
     )
 
 
-class TestBCLoss:
+class TestWeightedBCLoss:
     def test_mse_equals_hand_value(self):
         actor, td = _loc_actor(), _data()
-        out = BCLoss(actor)(td)
+        out = WeightedBCLoss(actor)(td)
         with torch.no_grad():
             mu = actor.module(td["observation"])
         expected = (0.5 * (td["action"] - mu).pow(2).sum(-1)).mean()
-        torch.testing.assert_close(out["loss_bc"], expected)
+        torch.testing.assert_close(out["loss_weighted_bc"], expected)
         torch.testing.assert_close(out["mse"], expected)
-        assert out["loss_bc"].requires_grad and not out["mse"].requires_grad
+        assert out["loss_weighted_bc"].requires_grad and not out["mse"].requires_grad
 
     def test_mse_with_probabilistic_actor_reads_loc(self):
         actor, td = _prob_actor(), _data()
-        out = BCLoss(actor)(td)
+        out = WeightedBCLoss(actor)(td)
         with torch.no_grad():
             mu = torch.tanh(actor.module[0].module.linear(td["observation"]))
-        torch.testing.assert_close(out["loss_bc"], (0.5 * (td["action"] - mu).pow(2).sum(-1)).mean())
+        torch.testing.assert_close(out["loss_weighted_bc"], (0.5 * (td["action"] - mu).pow(2).sum(-1)).mean())
 
     def test_log_prob_equals_gaussian_nll(self):
         actor, td = _prob_actor(), _data()
-        out = BCLoss(actor, loss_type="log_prob")(td)
+        out = WeightedBCLoss(actor, loss_type="log_prob")(td)
         with torch.no_grad():
             mu = torch.tanh(actor.module[0].module.linear(td["observation"]))
         nll = -torch.distributions.Normal(mu, 0.1).log_prob(td["action"]).sum(-1)
-        torch.testing.assert_close(out["loss_bc"], nll.mean())
+        torch.testing.assert_close(out["loss_weighted_bc"], nll.mean())
         # with fixed variance, NLL = mse / sigma^2 + const (sign check)
         const = td["action"].shape[-1] * (math.log(0.1) + 0.5 * math.log(2 * math.pi))
-        torch.testing.assert_close(out["loss_bc"], out["mse"] / 0.01 + const)
+        torch.testing.assert_close(out["loss_weighted_bc"], out["mse"] / 0.01 + const)
 
     def test_log_prob_with_gmm_actor(self):
         from torchrl_depeff.modules.mixture import make_gmm_actor
 
         torch.manual_seed(0)
         actor, td = make_gmm_actor(3, 2, num_cells=(16,)), _data()
-        out = BCLoss(actor, loss_type="log_prob", weight_key="uncertainty")(td)
+        out = WeightedBCLoss(actor, loss_type="log_prob", weight_key="uncertainty")(td)
         dist = actor.get_dist(td.select("observation").copy())
         expected = (td["uncertainty"] * -dist.log_prob(td["action"])).mean()
-        torch.testing.assert_close(out["loss_bc"], expected)
+        torch.testing.assert_close(out["loss_weighted_bc"], expected)
         mse = (0.5 * (td["action"] - dist.deterministic_sample).pow(2).sum(-1)).mean()
         torch.testing.assert_close(out["mse"], mse.detach())
         with pytest.raises(ValueError, match="shape"):  # "loc" is [*B, K, d]: no mse on a mixture
-            BCLoss(actor)(td)
+            WeightedBCLoss(actor)(td)
 
     def test_weighted_equals_hand_weighted(self):
         actor, td = _loc_actor(), _data()
-        out = BCLoss(actor, weight_key="uncertainty")(td)
+        out = WeightedBCLoss(actor, weight_key="uncertainty")(td)
         with torch.no_grad():
             mu = actor.module(td["observation"])
         per = 0.5 * (td["action"] - mu).pow(2).sum(-1)
-        torch.testing.assert_close(out["loss_bc"], (td["uncertainty"] * per).mean())  # MUSBO eq. (11)
+        torch.testing.assert_close(out["loss_weighted_bc"], (td["uncertainty"] * per).mean())  # MUSBO eq. (11)
         td2 = td.clone()
         td2["uncertainty"] = td["uncertainty"].unsqueeze(-1)  # trailing 1 accepted
-        torch.testing.assert_close(BCLoss(actor, weight_key="uncertainty")(td2)["loss_bc"], out["loss_bc"])
+        torch.testing.assert_close(WeightedBCLoss(actor, weight_key="uncertainty")(td2)["loss_weighted_bc"], out["loss_weighted_bc"])
 
     def test_zero_weight_rows_give_zero_gradient(self):
         actor = _loc_actor()
         td = _data(batch=(6,))
         td["uncertainty"] = torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 1.0])
-        loss = BCLoss(actor, weight_key="uncertainty", reduction="none")
+        loss = WeightedBCLoss(actor, weight_key="uncertainty", reduction="none")
         grads = []
         for i in range(6):
             actor.zero_grad()
-            loss(td)["loss_bc"][i].backward()
+            loss(td)["loss_weighted_bc"][i].backward()
             grads.append(actor.module.weight.grad.abs().sum().item())
         assert grads[1] == 0.0 and grads[3] == 0.0
         assert all(grads[i] > 0 for i in (0, 2, 4, 5))
         # and the mean loss equals the mean over the non-zero rows only (divided by all rows)
         actor.zero_grad()
-        BCLoss(actor, weight_key="uncertainty")(td)["loss_bc"].backward()
+        WeightedBCLoss(actor, weight_key="uncertainty")(td)["loss_weighted_bc"].backward()
         full = actor.module.weight.grad.clone()
         actor.zero_grad()
-        BCLoss(actor, weight_key="uncertainty")(td[torch.tensor([0, 2, 4, 5])])["loss_bc"].backward()
+        WeightedBCLoss(actor, weight_key="uncertainty")(td[torch.tensor([0, 2, 4, 5])])["loss_weighted_bc"].backward()
         torch.testing.assert_close(full, actor.module.weight.grad * 4 / 6)
 
     def test_weights_detached(self):
         actor, td = _loc_actor(), _data()
         w = torch.rand(8, requires_grad=True)
         td["uncertainty"] = w
-        BCLoss(actor, weight_key="uncertainty")(td)["loss_bc"].backward()
+        WeightedBCLoss(actor, weight_key="uncertainty")(td)["loss_weighted_bc"].backward()
         assert w.grad is None
         assert actor.module.weight.grad.abs().sum() > 0
 
     @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
     def test_reduction_shapes(self, reduction):
         td = _data(batch=(4, 5))
-        out = BCLoss(_loc_actor(), reduction=reduction)(td)
-        assert out["loss_bc"].shape == ((4, 5) if reduction == "none" else ())
+        out = WeightedBCLoss(_loc_actor(), reduction=reduction)(td)
+        assert out["loss_weighted_bc"].shape == ((4, 5) if reduction == "none" else ())
         if reduction == "sum":
-            mean = BCLoss(_loc_actor())(td)["loss_bc"]
-            torch.testing.assert_close(out["loss_bc"], mean * 20)
+            mean = WeightedBCLoss(_loc_actor())(td)["loss_weighted_bc"]
+            torch.testing.assert_close(out["loss_weighted_bc"], mean * 20)
 
     def test_set_keys_rejects_unknown(self):
         with pytest.raises(ValueError, match="not_a_key"):
-            BCLoss(_loc_actor()).set_keys(not_a_key="x")
+            WeightedBCLoss(_loc_actor()).set_keys(not_a_key="x")
 
     def test_set_keys_action(self):
         td = _data()
         td["expert_action"] = td["action"] * 0.5
-        loss = BCLoss(_loc_actor())
+        loss = WeightedBCLoss(_loc_actor())
         loss.set_keys(action="expert_action")
-        ref = BCLoss(_loc_actor())(td.set("action", td["expert_action"]))
-        torch.testing.assert_close(loss(td)["loss_bc"], ref["loss_bc"])
+        ref = WeightedBCLoss(_loc_actor())(td.set("action", td["expert_action"]))
+        torch.testing.assert_close(loss(td)["loss_weighted_bc"], ref["loss_weighted_bc"])
 
     @pytest.mark.parametrize("key", ["observation", "action", "uncertainty"])
     def test_missing_key_raises_keyerror(self, key):
         td = _data().exclude(key)
         with pytest.raises(KeyError, match=key):
-            BCLoss(_loc_actor(), weight_key="uncertainty")(td)
+            WeightedBCLoss(_loc_actor(), weight_key="uncertainty")(td)
 
     @pytest.mark.parametrize("key", ["observation", "action", "uncertainty"])
     @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
     def test_non_finite_raises_valueerror(self, key, bad):
         td = _data()
         td[key][1] = bad
-        with pytest.raises(ValueError, match=key):
-            BCLoss(_loc_actor(), weight_key="uncertainty")(td)
+        with pytest.raises(ValueError, match=key):  # explicit validation: forward never syncs
+            WeightedBCLoss(_loc_actor(), weight_key="uncertainty").check_inputs(td)
+        with pytest.raises(ValueError, match=key):  # train_bc validates its data once
+            train_bc(_loc_actor(), td, weight_key="uncertainty", max_epochs=1)
 
     def test_bad_args(self):
         with pytest.raises(ValueError, match="loss_type"):
-            BCLoss(_loc_actor(), loss_type="l3")
+            WeightedBCLoss(_loc_actor(), loss_type="l3")
         with pytest.raises(ValueError, match="reduction"):
-            BCLoss(_loc_actor(), reduction="max")
+            WeightedBCLoss(_loc_actor(), reduction="max")
         with pytest.raises(TypeError, match="get_dist"):
-            BCLoss(_loc_actor(), loss_type="log_prob")
+            WeightedBCLoss(_loc_actor(), loss_type="log_prob")
         with pytest.raises(ValueError, match="shape"):
-            BCLoss(_loc_actor(act_dim=3))(_data())
+            WeightedBCLoss(_loc_actor(act_dim=3))(_data())
 
     def test_input_untouched(self):
         td = _data()
         before = td.clone()
-        BCLoss(_prob_actor(), loss_type="log_prob")(td)
-        BCLoss(_prob_actor())(td)
+        WeightedBCLoss(_prob_actor(), loss_type="log_prob")(td)
+        WeightedBCLoss(_prob_actor())(td)
         assert set(td.keys(True, True)) == set(before.keys(True, True))
         assert (td == before).all()
 
     def test_state_dict_roundtrip(self):
-        a, b, td = BCLoss(_loc_actor(seed=0)), BCLoss(_loc_actor(seed=1)), _data()
-        assert not torch.allclose(a(td)["loss_bc"], b(td)["loss_bc"])
+        a, b, td = WeightedBCLoss(_loc_actor(seed=0)), WeightedBCLoss(_loc_actor(seed=1)), _data()
+        assert not torch.allclose(a(td)["loss_weighted_bc"], b(td)["loss_weighted_bc"])
         b.load_state_dict(a.state_dict())
-        torch.testing.assert_close(a(td)["loss_bc"], b(td)["loss_bc"])
+        torch.testing.assert_close(a(td)["loss_weighted_bc"], b(td)["loss_weighted_bc"])
 
 
 class TestTrainBC:
@@ -223,7 +225,7 @@ class TestTrainBC:
         n_hold = int(200 * 0.15)
         perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            hold = BCLoss(actor)(data[perm[:n_hold]])["loss_bc"].item()
+            hold = WeightedBCLoss(actor)(data[perm[:n_hold]])["loss_weighted_bc"].item()
         assert hold == pytest.approx(info["holdout_loss"], rel=1e-5)
 
     def test_weighted_training_follows_weights(self):
@@ -251,3 +253,12 @@ class TestTrainBC:
             train_bc(_loc_actor(), data, holdout_ratio=1.0)
         with pytest.raises(KeyError, match="uncertainty"):
             train_bc(_loc_actor(), data, weight_key="uncertainty")
+
+
+def test_bcloss_is_a_deprecated_alias_with_the_old_key():
+    td = _data()
+    with pytest.warns(FutureWarning, match="WeightedBCLoss"):
+        old = BCLoss(_loc_actor(seed=0))
+    new = WeightedBCLoss(_loc_actor(seed=0))
+    torch.testing.assert_close(old(td)["loss_bc"], new(td)["loss_weighted_bc"])
+    assert isinstance(old, WeightedBCLoss) and "loss_bc" in old.out_keys

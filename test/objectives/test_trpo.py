@@ -158,7 +158,10 @@ def test_set_keys_rejects_unknown_and_renames():
 def test_reductions(reduction, shape):
     actor = _actor()
     td = _batch(actor)
-    out = TRPOLoss(actor, reduction=reduction, entropy_coef=0.01)(td)
+    out = TRPOLoss(actor, reduction=reduction, entropy_coeff=0.01)(td)
+    with pytest.warns(FutureWarning, match="entropy_coeff"):  # the former keyword still works
+        old = TRPOLoss(actor, reduction=reduction, entropy_coef=0.01)(td)
+    torch.testing.assert_close(old["loss_entropy"], out["loss_entropy"])
     assert out["loss_objective"].shape == shape
     assert out["loss_entropy"].shape == shape
     if reduction == "sum":
@@ -193,19 +196,25 @@ def test_input_not_mutated():
 
 
 def test_validation_errors():
+    # validation lives in check_inputs (called once per step by trpo_step), not in forward
     actor = _actor()
     td = _batch(actor)
     loss = TRPOLoss(actor)
+    opt = ConjugateGradientTrustRegion(loss)
     bad = td.clone()
     bad["advantage"][3] = float("nan")
     with pytest.raises(ValueError, match="advantage"):
-        loss(bad)
+        loss.check_inputs(bad)
+    with pytest.raises(ValueError, match="advantage"):
+        trpo_step(loss, opt, bad)
     bad = td.clone()
     bad["action_log_prob"][0] = float("inf")
     with pytest.raises(ValueError, match="action_log_prob"):
-        loss(bad)
+        loss.check_inputs(bad)
     with pytest.raises(KeyError, match="scale"):
         loss(td.exclude("scale"))
+    with pytest.raises(KeyError, match="scale"):
+        loss.check_inputs(td.exclude("scale"))
     with pytest.raises(KeyError, match="advantage"):
         loss(td.exclude("advantage"))
     with pytest.raises(TypeError, match="get_dist"):

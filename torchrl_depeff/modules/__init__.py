@@ -8,6 +8,13 @@ from torchrl_depeff.modules.actors import (
     UncertaintyActionNoise,
 )
 from torchrl_depeff.modules.baselines import discounted_returns, LinearFeatureBaseline
+from torchrl_depeff.modules.distributions import (
+    deterministic_action,
+    diagonal_gaussian_params,
+    mean_policy_kl,
+    policy_entropy,
+    policy_kl,
+)
 from torchrl_depeff.modules.ensemble import (
     DynamicsEnsemble,
     EnsembleLinear,
@@ -43,11 +50,16 @@ __all__ = [
     "UncertaintyActionNoise",
     "UncertaintyLabeler",
     "bc_weights",
+    "deterministic_action",
+    "diagonal_gaussian_params",
     "disagreement_weight",
     "discounted_returns",
     "expected_sq_error",
     "make_gaussian_actor",
     "make_gmm_actor",
+    "mean_policy_kl",
     "pair_sq_disagreement",
+    "policy_entropy",
+    "policy_kl",
     "support_from_predictions",
 ]

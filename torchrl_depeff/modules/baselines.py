@@ -6,38 +6,50 @@ regression to discounted returns-to-go.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
+from torchrl.objectives.value.functional import reward2go
 
 __all__ = ["LinearFeatureBaseline", "discounted_returns"]
 
 
 def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Returns-to-go ``R_t = r_t + gamma (1 - done_t) R_{t+1}`` along dim ``-2`` of ``[*B, T, 1]``.
+    """Deprecated: TorchRL's :func:`~torchrl.objectives.value.functional.reward2go` (same values).
 
-    A backward recursion over time (vectorised over the batch); the return is cut after a
-    ``done`` step and at the end of the batch.
+    Returns-to-go ``R_t = r_t + gamma (1 - done_t) R_{t+1}`` along dim ``-2`` of ``[*B, T, 1]``;
+    the return is cut after a ``done`` step and at the end of the batch.
 
     Examples:
+        >>> import warnings
         >>> from torchrl_depeff.modules.baselines import discounted_returns
         >>> r = torch.ones(1, 4, 1)
         >>> d = torch.tensor([False, True, False, False]).view(1, 4, 1)
-        >>> discounted_returns(r, d, 0.5).flatten().tolist()
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     discounted_returns(r, d, 0.5).flatten().tolist()
         [1.5, 1.0, 1.5, 1.0]
     """
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    warnings.warn(
+        "discounted_returns is deprecated: use torchrl.objectives.value.functional.reward2go(reward, done, gamma)",
+        FutureWarning, stacklevel=2,
+    )
+    return _returns_to_go(reward, done, gamma)
+
+
+def _returns_to_go(reward: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
     if reward.shape != done.shape:
         raise ValueError(f"reward shape {tuple(reward.shape)} != done shape {tuple(done.shape)}")
-    not_done = (~done.bool()).to(reward.dtype)
-    out = torch.empty_like(reward)
-    running = torch.zeros_like(reward.select(-2, 0))
-    for t in range(reward.shape[-2] - 1, -1, -1):
-        running = reward.select(-2, t) + gamma * not_done.select(-2, t) * running
-        out.select(-2, t).copy_(running)
-    return out
+    if reward.ndim < 2:
+        raise ValueError(f"reward must be [*B, T, 1] (time at dim -2), got shape {tuple(reward.shape)}")
+    if gamma == 0:  # reward2go's geometric kernel is empty for gamma = 0
+        return reward.clone()
+    return reward2go(reward, done.bool(), gamma, time_dim=-2)
 
 
 class LinearFeatureBaseline(TensorDictModuleBase):
@@ -177,7 +189,7 @@ class LinearFeatureBaseline(TensorDictModuleBase):
                 raise KeyError(f"key {key!r} not found in the tensordict")
         reward = tensordict.get(("next", "reward"))
         done = tensordict.get(("next", "done"))
-        returns = discounted_returns(reward, done, gamma)
+        returns = _returns_to_go(reward, done, gamma)  # TorchRL's reward2go
         return self.fit_features(self._features_td(tensordict), returns)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

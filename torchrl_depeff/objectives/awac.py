@@ -6,15 +6,17 @@ advantage estimated with 10 policy samples and the exponential weight clamped at
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import TensorDictModule, TensorDictModuleBase
+from tensordict.nn import dispatch, TensorDictModule, TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
-from torchrl.objectives.utils import _vmap_func
+from torchrl.objectives.utils import _vmap_func, dispatch_value_estimator, ValueEstimators
 
 __all__ = ["AWACLoss"]
 
@@ -30,10 +32,10 @@ def _get(td: TensorDictBase, key: NestedKey) -> torch.Tensor:
     return value
 
 
-def _check_finite(name: NestedKey, value: torch.Tensor) -> None:
-    # validation, one host sync per entry; disable with ``check_inputs=False`` in hot loops
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"entry {name!r} contains NaN or inf values")
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class AWACLoss(LossModule):
@@ -66,9 +68,10 @@ class AWACLoss(LossModule):
       (our choice; the paper gives none). Invertible value transforms are not implemented.
     * **Critic loss scale.** Squared TD errors are summed over ensemble members, then reduced over
       the batch (like TorchRL's SAC/IQL), so each member gets its own unscaled MSE gradient.
-    * ``gamma`` is a constructor argument and the one-step target is computed inside the loss
-      (TorchRL's value-estimator machinery is not used: the target needs a fresh policy sample
-      and the ensemble aggregation).
+    * **Discount.** The one-step target goes through TorchRL's TD(0) estimator
+      (``value_estimator.value_estimate`` with the aggregated next-state value, as TorchRL's SAC
+      and IQL do): set ``gamma`` with ``make_value_estimator(ValueEstimators.TD0, gamma=...)``
+      (default ``0.99``). The constructor's ``gamma=`` is deprecated.
 
     Speed (exact, the maths is unchanged): :meth:`forward` evaluates the online critics at the
     dataset pairs once, with gradient, and uses the detached values for the advantage's
@@ -103,12 +106,19 @@ class AWACLoss(LossModule):
         target_quantile (float): quantile level in ``[0, 1]`` for ``target="quantile"``.
             Defaults to ``0.25``.
         num_value_samples (int): policy samples used for ``V(s)``. Defaults to ``10``.
-        gamma (float): discount in ``[0, 1]``. Defaults to ``0.99``.
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"``. Defaults to ``"mean"``.
-        check_inputs (bool): raise ``ValueError`` naming any NaN/inf input entry (one host sync
-            per entry). Defaults to ``True``.
         critic_kernel (str): ``"auto"``, ``"vmap"`` or ``"loop"`` (see above; same values and
             gradients). Defaults to ``"auto"``.
+        gamma (float, deprecated): discount in ``[0, 1]``; use :meth:`make_value_estimator`.
+        check_inputs (bool, deprecated): ignored; :meth:`forward` never synchronises with the
+            host, call :meth:`check_inputs` on a batch to validate it (NaN/inf, missing keys).
+
+    Keys: ``set_keys(action=...)`` renames the dataset action and the entry the critics read it
+    from (it must be one of ``qvalue_network.in_keys``); the critics' output is read from
+    ``state_action_value``, which follows the critic's single out-key when it has one (TorchRL's
+    :class:`~torchrl.modules.ValueOperator` writes ``"state_value"`` when its in-keys do not
+    contain ``"action"``). Coefficients (``awac_lambda``, ``max_weight``, ``target_quantile``)
+    are registered buffers.
 
     Output keys: ``"loss_actor"``, ``"loss_qvalue"`` and detached diagnostics ``"weight_mean"``,
     ``"weight_max"``, ``"clamp_fraction"``, ``"advantage_mean"``, ``"q_value_mean"``,
@@ -133,6 +143,8 @@ class AWACLoss(LossModule):
         >>> out["loss_actor"].shape, out["loss_qvalue"].shape, bool(out["weight_max"] <= 20)
         (torch.Size([]), torch.Size([]), True)
         >>> from torchrl.objectives import SoftUpdate
+        >>> from torchrl.objectives.utils import ValueEstimators
+        >>> _ = loss.make_value_estimator(ValueEstimators.TD0, gamma=0.9)
         >>> updater = SoftUpdate(loss, tau=5e-3)
     """
 
@@ -147,6 +159,9 @@ class AWACLoss(LossModule):
                 bootstraps). Defaults to ``"done"``.
             terminated (NestedKey): termination flag under ``"next"``. Defaults to ``"terminated"``.
             state_action_value (NestedKey): critic output. Defaults to ``"state_action_value"``.
+            value (NestedKey): next-state value handed to the TD(0) estimator. Defaults to
+                ``"state_value"``.
+            value_target (NestedKey): TD target of the estimator. Defaults to ``"value_target"``.
         """
 
         action: NestedKey = "action"
@@ -154,9 +169,14 @@ class AWACLoss(LossModule):
         done: NestedKey = "done"
         terminated: NestedKey = "terminated"
         state_action_value: NestedKey = "state_action_value"
+        value: NestedKey = "state_value"
+        value_target: NestedKey = "value_target"
 
     default_keys = _AcceptedKeys
-    out_keys = [
+    tensor_keys: _AcceptedKeys
+    default_value_estimator = ValueEstimators.TD0
+    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0,)
+    _DEFAULT_OUT_KEYS = (
         "loss_actor",
         "loss_qvalue",
         "weight_mean",
@@ -165,7 +185,10 @@ class AWACLoss(LossModule):
         "advantage_mean",
         "q_value_mean",
         "target_value_mean",
-    ]
+    )
+    awac_lambda: torch.Tensor
+    max_weight: torch.Tensor
+    target_quantile: torch.Tensor
 
     actor_network: TensorDictModuleBase
     qvalue_network: TensorDictModule
@@ -185,11 +208,14 @@ class AWACLoss(LossModule):
         target: str = "min",
         target_quantile: float = 0.25,
         num_value_samples: int = 10,
-        gamma: float = 0.99,
         reduction: str = "mean",
-        check_inputs: bool = True,
         critic_kernel: str = "auto",
+        gamma: float | None = None,
+        check_inputs: bool | None = None,
     ) -> None:
+        awac_lambda = _check_number("awac_lambda", awac_lambda)
+        max_weight = _check_number("max_weight", max_weight)
+        target_quantile = _check_number("target_quantile", target_quantile)
         if not awac_lambda > 0:
             raise ValueError(f"awac_lambda must be > 0, got {awac_lambda}")
         if not max_weight > 0:
@@ -198,12 +224,22 @@ class AWACLoss(LossModule):
             raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
         if not 0.0 <= target_quantile <= 1.0:
             raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile}")
-        if num_qvalue_nets < 1:
-            raise ValueError(f"num_qvalue_nets must be >= 1, got {num_qvalue_nets}")
-        if num_value_samples < 1:
-            raise ValueError(f"num_value_samples must be >= 1, got {num_value_samples}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        for name, value in (("num_qvalue_nets", num_qvalue_nets), ("num_value_samples", num_value_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if gamma is not None:
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+                raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+            warnings.warn(
+                "AWACLoss(gamma=...) is deprecated: use loss.make_value_estimator(ValueEstimators.TD0, gamma=...)",
+                FutureWarning, stacklevel=2,
+            )
+        if check_inputs is not None:
+            warnings.warn(
+                "AWACLoss(check_inputs=...) is deprecated and ignored: forward never synchronises with the host; "
+                "call loss.check_inputs(batch) to validate a batch",
+                FutureWarning, stacklevel=2,
+            )
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if critic_kernel not in _CRITIC_KERNELS:
@@ -212,43 +248,111 @@ class AWACLoss(LossModule):
             raise TypeError(
                 f"actor_network needs get_dist (e.g. ProbabilisticActor), got {type(actor_network).__name__}"
             )
+        self._in_keys = None
+        self._out_keys = None
         super().__init__()
         self.convert_to_functional(actor_network, "actor_network", create_target_params=False)
         self.convert_to_functional(
             qvalue_network, "qvalue_network", num_qvalue_nets, create_target_params=True
         )
         self.num_qvalue_nets = int(num_qvalue_nets)
-        self.awac_lambda = float(awac_lambda)
-        self.max_weight = float(max_weight)
+        self.register_coeff_buffer("awac_lambda", awac_lambda)
+        self.register_coeff_buffer("max_weight", max_weight)
+        self.register_coeff_buffer("target_quantile", target_quantile)
+        self._quantile = target_quantile  # fixed at construction, like ``target``
         self.target = target
-        self.target_quantile = float(target_quantile)
         self.num_value_samples = int(num_value_samples)
-        self.gamma = float(gamma)
         self.reduction = reduction
-        self.check_inputs = check_inputs
         self.critic_kernel = critic_kernel
+        self._follow_critic_out_key()
+        if gamma is not None:  # deprecated path
+            self.make_value_estimator(ValueEstimators.TD0, gamma=float(gamma))
         # one call evaluates every critic: params stacked on dim 0 -> outputs [E, *B, 1]
         self._vmap_qvalue = _vmap_func(
             self.qvalue_network, (None, 0), randomness=self.vmap_randomness
         )
 
     # ------------------------------------------------------------------ keys
+    def _follow_critic_out_key(self) -> None:
+        out = list(self.qvalue_network.out_keys)
+        if self.tensor_keys.state_action_value not in out and len(out) == 1:
+            self.tensor_keys.state_action_value = out[0]
+
+    def _check_critic_keys(self) -> None:
+        k = self.tensor_keys
+        if k.action not in self.qvalue_network.in_keys:
+            raise ValueError(
+                f"the action key {k.action!r} is not an input of qvalue_network (in_keys "
+                f"{list(self.qvalue_network.in_keys)}): set_keys(action=...) names the entry the critics read "
+                "the action from"
+            )
+        if k.state_action_value not in self.qvalue_network.out_keys:
+            raise ValueError(
+                f"qvalue_network writes {list(self.qvalue_network.out_keys)}, not the state_action_value key "
+                f"{k.state_action_value!r}: use set_keys(state_action_value=...)"
+            )
+
+    def _set_in_keys(self) -> None:
+        k = self.tensor_keys
+        obs = self._obs_keys()
+        keys = [*obs, k.action, ("next", k.reward), ("next", k.done), ("next", k.terminated)]
+        keys += [("next", key) for key in obs]
+        self._in_keys = list(dict.fromkeys(keys))
+
     @property
     def in_keys(self) -> list[NestedKey]:
+        if self._in_keys is None:
+            self._set_in_keys()
+        return self._in_keys
+
+    @in_keys.setter
+    def in_keys(self, values: list[NestedKey]) -> None:
+        self._in_keys = values
+
+    @property
+    def out_keys(self) -> list[NestedKey]:
+        if self._out_keys is None:
+            self._out_keys = list(self._DEFAULT_OUT_KEYS)
+        return self._out_keys
+
+    @out_keys.setter
+    def out_keys(self, values: list[NestedKey]) -> None:
+        self._out_keys = values
+
+    def _estimator_keys(self) -> dict[str, NestedKey]:
         k = self.tensor_keys
-        obs = [*self.actor_network.in_keys, *[key for key in self.qvalue_network.in_keys if key != k.action]]
-        keys = [*obs, k.action, ("next", k.reward), ("next", k.terminated)]
-        keys += [("next", key) for key in obs]
-        return list(dict.fromkeys(keys))
+        return {"value": k.value, "value_target": k.value_target, "reward": k.reward, "done": k.done,
+                "terminated": k.terminated}
 
     def _forward_value_estimator_keys(self, **kwargs: Any) -> None:
-        pass  # the one-step target is computed in qvalue_loss
+        if getattr(self, "_value_estimator", None) is not None:
+            self._value_estimator.set_keys(**self._estimator_keys())
+        self._in_keys = None
+        if "action" in kwargs or "state_action_value" in kwargs:
+            self._check_critic_keys()
 
-    def make_value_estimator(self, value_type: Any = None, **hyperparams: Any) -> AWACLoss:
-        """Not supported: the TD target is computed by :meth:`qvalue_loss` (pass ``gamma`` here)."""
-        raise NotImplementedError(
-            "AWACLoss computes its one-step clipped double-Q target itself; set gamma in the constructor"
+    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams: Any) -> AWACLoss:
+        """Build the one-step TD(0) estimator of the critic target; the only place to set ``gamma``.
+
+        Examples:
+            >>> from torchrl.modules import MLP, ValueOperator
+            >>> from torchrl.objectives.utils import ValueEstimators
+            >>> from torchrl_depeff.modules.mixture import make_gmm_actor
+            >>> from torchrl_depeff.objectives.awac import AWACLoss
+            >>> qnet = ValueOperator(MLP(in_features=5, out_features=1, num_cells=[8]), in_keys=["observation", "action"])
+            >>> loss = AWACLoss(make_gmm_actor(3, 2, num_cells=(8,)), qnet)
+            >>> round(float(loss.make_value_estimator(ValueEstimators.TD0, gamma=0.9).value_estimator.gamma), 6)
+            0.9
+        """
+        value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
+        if value_type is None:
+            return self
+        hp.pop("value_network", None)
+        dispatch_value_estimator(
+            self, value_type, supported=self.SUPPORTED_VALUE_ESTIMATORS,
+            tensor_keys=self._estimator_keys(), value_network=None, **hp,
         )
+        return self
 
     # --------------------------------------------------------------- helpers
     def _obs_keys(self) -> list[NestedKey]:
@@ -257,39 +361,59 @@ class AWACLoss(LossModule):
         return list(dict.fromkeys(keys))
 
     def _validate(self, tensordict: TensorDictBase, *, next_too: bool) -> None:
+        """Key presence (no host sync)."""
         k = self.tensor_keys
         keys = [*self._obs_keys(), k.action]
         if next_too:
-            keys += [("next", k.reward), ("next", k.terminated)]
+            keys += [("next", k.reward), ("next", k.done), ("next", k.terminated)]
             keys += [("next", key) for key in self._obs_keys()]
         for key in keys:
-            value = _get(tensordict, key)
-            if self.check_inputs:
-                _check_finite(key, value)
+            _get(tensordict, key)
+
+    def check_inputs(self, tensordict: TensorDictBase) -> None:
+        """Raise a clear error for a batch the loss cannot use (one host sync per call).
+
+        Raises:
+            KeyError: an entry the loss reads is missing (named).
+            ValueError: an entry holds NaN/inf values (named).
+        """
+        if not isinstance(tensordict, TensorDictBase):
+            raise TypeError(f"expected a TensorDictBase, got {type(tensordict).__name__}")
+        self._check_critic_keys()
+        self._validate(tensordict, next_too=True)
+        names = [key for key in self.in_keys if tensordict.get(key).is_floating_point()]
+        if not names:
+            return
+        finite = torch.stack([torch.isfinite(tensordict.get(key)).all() for key in names]).tolist()
+        bad = [key for key, ok in zip(names, finite) if not ok]
+        if bad:
+            raise ValueError(f"AWACLoss: entries {bad} contain NaN or inf values")
 
     def _aggregate(self, q: torch.Tensor) -> torch.Tensor:
         """Ensemble values ``[E, *B]`` -> ``[*B]`` (clipped double-Q or ensemble quantile)."""
         if self.target == "min":
             return q.min(0).values
-        return torch.quantile(q, self.target_quantile, dim=0)
+        return torch.quantile(q, self._quantile, dim=0)  # python float: no host sync
 
     def _qvalues(self, td_obs: TensorDictBase, action: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
         """All critics at ``(s, a)``: ``[E, *B]``."""
         k = self.tensor_keys
+        if k.action not in self.qvalue_network.in_keys:
+            self._check_critic_keys()
         td_q = td_obs.select(*self.qvalue_network.in_keys, strict=False).copy()
         td_q.set(k.action, action)
         kernel = self.critic_kernel
         if kernel == "auto":
             kernel = "loop" if action.device.type == "cpu" else "vmap"
         if kernel == "vmap":
-            out = self._vmap_qvalue(td_q, params).get(k.state_action_value)
+            out = _get(self._vmap_qvalue(td_q, params), k.state_action_value)
         else:
             # unbind: the backward stacks the E slice gradients once (no full-size zero
             # gradient per member as indexing would build)
             values = []
             for member_params in params.unbind(0):
                 with member_params.to_module(self.qvalue_network):
-                    values.append(self.qvalue_network(td_q.copy()).get(k.state_action_value))
+                    values.append(_get(self.qvalue_network(td_q.copy()), k.state_action_value))
             out = torch.stack(values)
         return out.squeeze(-1)
 
@@ -350,15 +474,16 @@ class AWACLoss(LossModule):
         k = self.tensor_keys
         next_td = tensordict.get("next")
         reward = next_td.get(k.reward)
-        terminated = next_td.get(k.terminated)
         with torch.no_grad():
             next_obs = next_td.select(*self._obs_keys(), strict=False)
             next_action = self._dist(next_obs).sample()
             next_q = self._aggregate(
                 self._qvalues(next_obs, next_action, self.target_qvalue_network_params)
             )  # [*B]
-            not_term = (~terminated.bool()).to(next_q.dtype).reshape(next_q.shape)
-            target_value = reward.reshape(next_q.shape) + self.gamma * not_term * next_q
+            # TD(0) through TorchRL's estimator: r + gamma * (1 - terminated) * next value
+            target_value = self.value_estimator.value_estimate(
+                tensordict, next_value=next_q.reshape(reward.shape).to(reward.dtype)
+            ).reshape(next_q.shape)
         if pred is None:
             td_obs = tensordict.select(*self._obs_keys(), strict=False)
             pred = self._qvalues(td_obs, tensordict.get(k.action), self.qvalue_network_params)  # [E, *B]
@@ -366,6 +491,7 @@ class AWACLoss(LossModule):
         info = {"q_value_mean": pred.detach().mean(), "target_value_mean": target_value.mean()}
         return loss, info
 
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Both losses and diagnostics in a new TensorDict; the input is not modified.
 

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import dispatch, TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torchrl._utils import logger as torchrl_logger
 from torchrl.objectives.common import LossModule
 
-__all__ = ["BCLoss", "train_bc"]
+__all__ = ["BCLoss", "WeightedBCLoss", "train_bc"]
 
 _LOSS_TYPES = ("mse", "log_prob")
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_finite(name: NestedKey, value: torch.Tensor) -> None:
-    # validation, one host sync per key; disable with ``check_inputs=False`` in hot loops
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"entry {name!r} contains NaN or inf values")
 
 
 def _get(td: TensorDictBase, key: NestedKey) -> torch.Tensor:
@@ -39,47 +34,52 @@ def _get(td: TensorDictBase, key: NestedKey) -> torch.Tensor:
     return value
 
 
-class BCLoss(LossModule):
-    r"""(Weighted) behaviour-cloning loss.
+class WeightedBCLoss(LossModule):
+    r"""(Weighted) behaviour-cloning loss (BREMEN eq. (3), MUSBO eq. (11)).
 
     ``loss_type="mse"`` is BREMEN eq. (3), :math:`\tfrac12\|a_t - \mu_\beta(s_t)\|_2^2` summed over
     action dimensions, where :math:`\mu_\beta` is the deterministic mean the actor writes under
-    ``"loc"`` (fixed variance, so the Gaussian NLL reduces to this up to constants). The actor may
-    be a :class:`~torchrl.modules.ProbabilisticActor` or any module writing ``"loc"``.
+    ``loc`` (fixed variance, so the Gaussian NLL reduces to this up to constants). The actor may
+    be a :class:`~torchrl.modules.ProbabilisticActor` or any module writing ``loc``.
     ``loss_type="log_prob"`` is :math:`-\log\pi_\beta(a_t|s_t)` (needs ``actor.get_dist``), for
     actors with learned variance or mixtures.
 
-    With ``weight_key`` set, each row is multiplied by the (detached) weight read from that entry,
-    MUSBO eq. (11): :math:`\frac{1}{|D|}\sum \hat U(a_t,s_t)\,\tfrac12\|a_t-\hat\pi_\beta(s_t)\|^2`.
+    With the ``weight`` key set (``weight_key=`` or ``set_keys(weight=...)``), each row is
+    multiplied by the (detached) weight read from that entry, MUSBO eq. (11):
+    :math:`\frac{1}{|D|}\sum \hat U(a_t,s_t)\,\tfrac12\|a_t-\hat\pi_\beta(s_t)\|^2`.
     Choice: ``reduction="mean"`` divides by the number of rows, as eq. (11) does, not by the sum
-    of the weights, so scaling all weights scales the loss.
+    of the weights (TorchRL's ``_reduce_loss(weights=...)`` convention), so scaling all weights
+    scales the loss.
+
+    Named apart from :class:`torchrl.objectives.BCLoss` (TorchRL's plain behaviour cloning, key
+    ``"loss_bc"``); :class:`BCLoss` here is a deprecated alias that keeps the old key.
+    :meth:`forward` never synchronises with the host: validate a batch with :meth:`check_inputs`.
 
     Args:
         actor_network (TensorDictModuleBase): the policy to clone.
 
     Keyword Args:
         loss_type (str): ``"mse"`` or ``"log_prob"``. Defaults to ``"mse"``.
-        weight_key (NestedKey, optional): per-sample weight entry ``[*B]`` or ``[*B, 1]``.
-            Defaults to ``None`` (unweighted).
+        weight_key (NestedKey, optional): per-sample weight entry ``[*B]`` or ``[*B, 1]``
+            (sets the ``weight`` key). Defaults to ``None`` (unweighted).
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"``. Defaults to ``"mean"``.
-        check_inputs (bool): raise ``ValueError`` on NaN/inf in observations, actions and weights
-            (one host sync per entry). Defaults to ``True``.
+        check_inputs (bool, deprecated): ignored (see :meth:`check_inputs`).
 
-    Output keys: ``"loss_bc"`` and the detached, unweighted diagnostic ``"mse"``
+    Output keys: ``"loss_weighted_bc"`` and the detached, unweighted diagnostic ``"mse"``
     (mean of :math:`\tfrac12\|a-\mu\|^2`; for ``"log_prob"`` ``mu`` is the distribution's
     ``deterministic_sample``).
 
     Examples:
-        >>> from torchrl_depeff.objectives.bc import BCLoss
+        >>> from torchrl_depeff.objectives.bc import WeightedBCLoss
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import TensorDictModule
         >>> actor = TensorDictModule(torch.nn.Linear(3, 2), in_keys=["observation"], out_keys=["loc"])
-        >>> loss = BCLoss(actor, weight_key="uncertainty")
+        >>> loss = WeightedBCLoss(actor, weight_key="uncertainty")
         >>> td = TensorDict({"observation": torch.randn(8, 3), "action": torch.rand(8, 2),
         ...                  "uncertainty": torch.rand(8)}, batch_size=[8])
         >>> out = loss(td)
-        >>> sorted(out.keys()), out["loss_bc"].shape
-        (['loss_bc', 'mse'], torch.Size([]))
+        >>> sorted(out.keys()), out["loss_weighted_bc"].shape
+        (['loss_weighted_bc', 'mse'], torch.Size([]))
     """
 
     @dataclass
@@ -88,7 +88,8 @@ class BCLoss(LossModule):
 
         Attributes:
             action (NestedKey): dataset action. Defaults to ``"action"``.
-            loc (NestedKey): actor mean written by the actor. Defaults to ``"loc"``.
+            loc (NestedKey): actor mean written by the actor (one of its ``out_keys``).
+                Defaults to ``"loc"``.
             weight (NestedKey, optional): per-sample weight (MUSBO eq. 11). Defaults to ``None``.
         """
 
@@ -97,7 +98,8 @@ class BCLoss(LossModule):
         weight: NestedKey | None = None
 
     default_keys = _AcceptedKeys
-    out_keys = ["loss_bc", "mse"]
+    tensor_keys: _AcceptedKeys
+    _loss_key = "loss_weighted_bc"
 
     actor_network: TensorDictModuleBase
     actor_network_params: TensorDictParams
@@ -110,46 +112,94 @@ class BCLoss(LossModule):
         loss_type: str = "mse",
         weight_key: NestedKey | None = None,
         reduction: str = "mean",
-        check_inputs: bool = True,
+        check_inputs: bool | None = None,
     ) -> None:
         if loss_type not in _LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if not isinstance(actor_network, TensorDictModuleBase):
+            raise TypeError(f"actor_network must be a TensorDictModuleBase, got {type(actor_network).__name__}")
         if loss_type == "log_prob" and not hasattr(actor_network, "get_dist"):
             raise TypeError(
                 f"loss_type='log_prob' needs an actor with get_dist (e.g. ProbabilisticActor), "
                 f"got {type(actor_network).__name__}"
             )
+        if check_inputs is not None:
+            warnings.warn(
+                f"{type(self).__name__}(check_inputs=...) is deprecated and ignored: forward never synchronises "
+                "with the host; call loss.check_inputs(batch) to validate a batch",
+                FutureWarning, stacklevel=2,
+            )
+        self._in_keys = None
+        self._out_keys = None
         super().__init__()
         self.convert_to_functional(actor_network, "actor_network")
         self.loss_type = loss_type
         self.reduction = reduction
-        self.check_inputs = check_inputs
         if weight_key is not None:
             self.set_keys(weight=weight_key)
 
-    @property
-    def in_keys(self) -> list[NestedKey]:
+    def _set_in_keys(self) -> None:
         keys = [*self.actor_network.in_keys, self.tensor_keys.action]
         if self.tensor_keys.weight is not None:
             keys.append(self.tensor_keys.weight)
-        return keys
+        self._in_keys = list(dict.fromkeys(keys))
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        if self._in_keys is None:
+            self._set_in_keys()
+        return self._in_keys
+
+    @in_keys.setter
+    def in_keys(self, values: list[NestedKey]) -> None:
+        self._in_keys = values
+
+    @property
+    def out_keys(self) -> list[NestedKey]:
+        if self._out_keys is None:
+            self._out_keys = [self._loss_key, "mse"]
+        return self._out_keys
+
+    @out_keys.setter
+    def out_keys(self, values: list[NestedKey]) -> None:
+        self._out_keys = values
 
     def _forward_value_estimator_keys(self, **kwargs: Any) -> None:
-        pass  # no value estimator
+        self._in_keys = None  # no value estimator; the keys feed in_keys
+        if "loc" in kwargs and self.loss_type == "mse" and self.tensor_keys.loc not in self.actor_network.out_keys:
+            raise ValueError(
+                f"the loc key {self.tensor_keys.loc!r} is not written by the actor (out_keys "
+                f"{list(self.actor_network.out_keys)})"
+            )
 
+    def check_inputs(self, tensordict: TensorDictBase) -> None:
+        """Raise a clear error for a batch the loss cannot use (one host sync per call).
+
+        Raises:
+            KeyError: an entry the loss reads is missing (named).
+            ValueError: an entry holds NaN/inf values (named).
+        """
+        if not isinstance(tensordict, TensorDictBase):
+            raise TypeError(f"expected a TensorDictBase, got {type(tensordict).__name__}")
+        values = [(key, _get(tensordict, key)) for key in self.in_keys]
+        floats = [(key, v) for key, v in values if v.is_floating_point()]
+        if not floats:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()
+        bad = [key for (key, _), ok in zip(floats, finite) if not ok]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: entries {bad} contain NaN or inf values")
+
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Compute ``"loss_bc"`` (and the ``"mse"`` diagnostic) without writing into the input."""
+        """Compute the loss (and the ``"mse"`` diagnostic) without writing into the input."""
         keys = self.tensor_keys
         action = _get(tensordict, keys.action)
-        td_in = tensordict.select(*self.actor_network.in_keys, strict=False).copy()
         for key in self.actor_network.in_keys:
-            value = _get(tensordict, key)
-            if self.check_inputs:
-                _check_finite(key, value)
-        if self.check_inputs:
-            _check_finite(keys.action, action)
+            _get(tensordict, key)
+        td_in = tensordict.select(*self.actor_network.in_keys, strict=False).copy()
 
         with self.actor_network_params.to_module(self.actor_network):
             if self.loss_type == "mse":
@@ -179,11 +229,37 @@ class BCLoss(LossModule):
                     f"weight {keys.weight!r} must have shape {tuple(per_sample.shape)} (or with a "
                     f"trailing 1), got {tuple(weight.shape)}"
                 )
-            if self.check_inputs:
-                _check_finite(keys.weight, weight)
-            per_sample = weight * per_sample  # MUSBO eq. (11)
+            per_sample = weight * per_sample  # MUSBO eq. (11): mean over rows of U * loss
         loss = self._reduce_loss(per_sample, tensordict)
-        return TensorDict({"loss_bc": loss, "mse": half_sq.detach().mean()}, batch_size=[])
+        return TensorDict({self._loss_key: loss, "mse": half_sq.detach().mean()}, batch_size=[])
+
+
+class BCLoss(WeightedBCLoss):
+    """Deprecated alias of :class:`WeightedBCLoss` writing the former key ``"loss_bc"``.
+
+    Renamed because :class:`torchrl.objectives.BCLoss` is TorchRL's plain behaviour-cloning loss
+    with the same name and output key.
+
+    Examples:
+        >>> import warnings
+        >>> from tensordict.nn import TensorDictModule
+        >>> from torchrl_depeff.objectives.bc import BCLoss
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     loss = BCLoss(TensorDictModule(torch.nn.Linear(3, 2), ["observation"], ["loc"]))
+        >>> loss.out_keys, caught[0].category.__name__
+        (['loss_bc', 'mse'], 'FutureWarning')
+    """
+
+    _loss_key = "loss_bc"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            "torchrl_depeff.objectives.BCLoss is deprecated (its name and 'loss_bc' key clash with "
+            "torchrl.objectives.BCLoss): use WeightedBCLoss, which writes 'loss_weighted_bc'",
+            FutureWarning, stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)
 
 
 def train_bc(
@@ -223,7 +299,7 @@ def train_bc(
         max_epochs (int): maximum number of epochs. Defaults to ``100``.
         patience (int): epochs without holdout improvement before stopping. Defaults to ``3``.
         weight_key (NestedKey, optional): per-sample weights (MUSBO eq. 11). Defaults to ``None``.
-        loss_type (str): ``"mse"`` or ``"log_prob"``, see :class:`BCLoss`. Defaults to ``"mse"``.
+        loss_type (str): ``"mse"`` or ``"log_prob"``, see :class:`WeightedBCLoss`. Defaults to ``"mse"``.
         progress (bool): log the losses of every epoch. Defaults to ``False``.
         seed (int): seed of the split and minibatch order. Defaults to ``0``.
 
@@ -235,6 +311,7 @@ def train_bc(
         >>> from torchrl_depeff.objectives.bc import train_bc
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import TensorDictModule
+        >>> _ = torch.manual_seed(0)
         >>> actor = TensorDictModule(torch.nn.Linear(3, 2), in_keys=["observation"], out_keys=["loc"])
         >>> obs = torch.randn(512, 3)
         >>> data = TensorDict({"observation": obs, "action": obs[:, :2] * 0.5}, batch_size=[512])
@@ -254,13 +331,13 @@ def train_bc(
     n = data.shape[0]
     if n < 1:
         raise ValueError("data is empty")
-    loss_fn = BCLoss(actor, loss_type=loss_type, weight_key=weight_key)
-    loss_fn(data[:1])  # validates keys and shapes early
+    fast_loss = WeightedBCLoss(actor, loss_type=loss_type, weight_key=weight_key)
+    fast_loss.check_inputs(data)  # keys and finite values, once (one host sync)
+    fast_loss(data[:1])  # shapes
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator)
     n_hold = int(math.floor(n * holdout_ratio)) if n >= 2 else 0
     holdout, train = data[perm[:n_hold]], data[perm[n_hold:]]
-    fast_loss = BCLoss(actor, loss_type=loss_type, weight_key=weight_key, check_inputs=False)
     params = list(fast_loss.parameters())
     optim = torch.optim.Adam(params, lr=lr)
     n_train = train.shape[0]
@@ -273,7 +350,7 @@ def train_bc(
         total = 0.0
         for start in range(0, n_train, batch_size):
             batch = train[order[start : start + batch_size]]
-            loss = fast_loss(batch)["loss_bc"]
+            loss = fast_loss(batch)["loss_weighted_bc"]
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -281,7 +358,7 @@ def train_bc(
         train_loss = total / n_train
         if n_hold > 0:
             with torch.no_grad():
-                hold = float(fast_loss(holdout)["loss_bc"])
+                hold = float(fast_loss(holdout)["loss_weighted_bc"])
             holdout_losses.append(hold)
             if hold < best:
                 best, best_epoch, since_best = hold, epoch, 0
