@@ -177,6 +177,31 @@ class TestDeploymentLoop:
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             torch.testing.assert_close(algo.actor(states.clone())["loc"], algo.bc_actor(states.clone())["loc"])
 
+    @pytest.mark.parametrize("mode", ["reward", "surrogate"])
+    def test_explicit_kl_readings(self, tmp_path, mode, monkeypatch):
+        """Sec. 5.3: "reward" (reference code) penalises the rewards before GAE; "surrogate" is eq. (6)."""
+        import torchrl_depeff.algorithms.components as components_mod
+
+        cfg = tiny({"deployment.num_deployments": 1, "trpo.explicit_kl_mode": mode}).variant("explicit_kl")
+        assert cfg.trpo.explicit_kl_mode == mode  # the variant keeps an explicit choice
+        algo = BREMEN(cfg, data_root=tmp_path)
+        seen = []
+        real = components_mod.trpo_step
+
+        def spy(loss, optim, td):
+            seen.append((loss.kl_to_reference_mode, td))
+            return real(loss, optim, td)
+
+        monkeypatch.setattr(components_mod, "trpo_step", spy)
+        algo.deployment_step()
+        assert seen and all(m == mode for m, _ in seen)
+        td = seen[-1][1]
+        penalised = ("next", "kl_to_reference") in td.keys(include_nested=True)
+        assert penalised == (mode == "reward")
+        if penalised:  # the penalty is alpha * KL >= 0, subtracted
+            assert bool((td["next", "kl_to_reference"] >= 0).all())
+        assert BREMENConfig().variant("explicit_kl").trpo.explicit_kl_mode == "reward"
+
     @pytest.mark.parametrize("variant", ["explicit_kl", "mopo", "morel"])
     def test_variants_run(self, tmp_path, variant):
         algo = BREMEN(tiny({"deployment.num_deployments": 1}).variant(variant), data_root=tmp_path)

@@ -21,7 +21,7 @@ from torchrl_depeff.modules.labeler import (
     support_from_predictions,
     UncertaintyLabeler,
 )
-from torchrl_depeff.objectives.bc import BCLoss, train_bc
+from torchrl_depeff.objectives.bc import train_bc, WeightedBCLoss
 from torchrl_depeff.objectives.uw_trpo import UncertaintyWeightedTRPOLoss
 
 OBS, ACT = 2, 1
@@ -179,7 +179,7 @@ def test_weighted_bc_loss_and_gradients_flow_only_into_the_policy():
     # eq. (9) by hand: best member errors 0, 0.25, 1.0 (member 1: (2-0.3)^2=2.89; member 3: 1+1=2), 0.01, 0, >1
     torch.testing.assert_close(w.squeeze(-1), torch.tensor([1.0, 0.75, 0.0, 0.99, 1.0, 0.0]))
     actor = TensorDictModule(torch.nn.Linear(OBS, ACT), in_keys=["observation"], out_keys=["loc"])
-    loss = BCLoss(actor, weight_key="bc_weight")(data)["loss_bc"]
+    loss = WeightedBCLoss(actor, weight_key="bc_weight")(data)["loss_weighted_bc"]
     # MUSBO eq. (11): 1/|D| sum U * 1/2 ||a - pi(s)||^2
     pred = actor.module(obs)
     manual = (w.squeeze(-1) * 0.5 * (data["action"] - pred).pow(2).sum(-1)).mean()
@@ -192,7 +192,7 @@ def test_weighted_bc_loss_and_gradients_flow_only_into_the_policy():
     actor.module.weight.grad = None
     data2 = data.clone()
     data2["action"][w.squeeze(-1) == 0] += 100.0
-    BCLoss(actor, weight_key="bc_weight")(data2)["loss_bc"].backward()
+    WeightedBCLoss(actor, weight_key="bc_weight")(data2)["loss_weighted_bc"].backward()
     torch.testing.assert_close(actor.module.weight.grad, g)
 
 

@@ -160,7 +160,10 @@ _PRESET_TASK_ADJUSTMENTS: dict[str, dict[str, dict[str, Any]]] = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "bremen": {},
     "me_trpo": {"bc.reinit": False},  # no BC re-initialisation (ME-TRPO under the same budget)
-    "explicit_kl": {"bc.reinit": False, "trpo.explicit_kl_coef": 0.1},  # eq. (6), no BC init (App. G.3)
+    # sec. 5.3 / App. G.3: explicit KL penalty on value, no BC init; by default (trpo.explicit_kl_mode
+    # = "reward") the penalty enters the rewards before GAE as in the reference code ("surrogate":
+    # eq. (6) read literally)
+    "explicit_kl": {"bc.reinit": False, "trpo.explicit_kl_coef": 0.1},
     "mopo": {"imagination.penalty": "mopo"},  # App. E soft penalty
     "morel": {"imagination.penalty": "morel"},  # App. E hard penalty
     "recursive_bc": {"trpo.enabled": False},  # deploy the BC policy of the latest data
@@ -544,7 +547,8 @@ class BREMEN(DeploymentLoop):
             improver = ImaginaryTRPO(
                 task, ensemble, trpo=cfg.trpo, imagination=cfg.imagination, real_env=env,
                 loss_factory=loss_factory or trpo_loss_factory(
-                    normalize_advantage=cfg.trpo.normalize_advantage, explicit_kl_coef=cfg.trpo.explicit_kl_coef),
+                    normalize_advantage=cfg.trpo.normalize_advantage, explicit_kl_coef=cfg.trpo.explicit_kl_coef,
+                    explicit_kl_mode=cfg.trpo.explicit_kl_mode),
                 rollout_labeller=rollout_labeller, batch_metrics=batch_metrics, seed=cfg.seed,
                 log_interval=cfg.log_interval, checkpoint_interval=cfg.checkpoint_interval, make_env=make_env,
                 device=device,

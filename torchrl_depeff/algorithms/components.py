@@ -33,12 +33,13 @@ from torchrl.objectives.utils import ValueEstimators
 
 from torchrl_depeff.algorithms.common import completed_episode_returns, episode_start_states
 from torchrl_depeff.collectors.deployment import DeploymentCollector, freeze_policy, policy_hash
-from torchrl_depeff.collectors.gate import DeploymentGate, gaussian_kl
+from torchrl_depeff.collectors.gate import DeploymentGate
 from torchrl_depeff.data.datasets import validate_offline_dataset
 from torchrl_depeff.envs.model_env import EnsembleModelEnv
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 from torchrl_depeff.modules.baselines import LinearFeatureBaseline
+from torchrl_depeff.modules.distributions import mean_policy_kl as _mean_policy_kl
 from torchrl_depeff.objectives.bc import train_bc
 from torchrl_depeff.objectives.trpo import TRPOLoss, trpo_step
 from torchrl_depeff.optim.trust_region import ConjugateGradientTrustRegion
@@ -63,11 +64,12 @@ __all__ = [
 
 
 def mean_policy_kl(p: nn.Module, q: nn.Module, states: TensorDictBase) -> float:
-    """Mean ``KL(p || q)`` of two Gaussian actors over ``states`` (BREMEN Fig. 4 / Fig. 13)."""
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        a = p(states.clone())
-        b = q(states.clone())
-    return float(gaussian_kl(a["loc"], a["scale"], b["loc"], b["scale"]).mean())
+    """Mean ``KL(p || q)`` of two actors over ``states`` (BREMEN Fig. 4 / Fig. 13), as a float.
+
+    :func:`torchrl_depeff.modules.mean_policy_kl` (closed form, or Monte-Carlo for e.g. ``TanhNormal``).
+    """
+    with torch.no_grad():
+        return float(_mean_policy_kl(p, q, states))
 
 
 def sample_states(
@@ -443,15 +445,22 @@ RolloutLabeller = Callable[[TensorDictBase], TensorDictBase]
 BatchMetrics = Callable[[TRPOLoss, TensorDictBase], dict[str, float]]
 
 
-def trpo_loss_factory(*, normalize_advantage: bool, explicit_kl_coef: float = 0.0) -> LossFactory:
-    """The BREMEN eq. (4) loss (with the explicit-KL ablation when ``explicit_kl_coef > 0``)."""
+def trpo_loss_factory(*, normalize_advantage: bool, explicit_kl_coef: float = 0.0,
+                      explicit_kl_mode: str = "reward") -> LossFactory:
+    """The BREMEN eq. (4) loss (with the explicit-KL ablation when ``explicit_kl_coef > 0``).
+
+    ``explicit_kl_mode``: ``"reward"`` (BREMEN's reference code, sec. 5.3 "KL penalty on value":
+    ``alpha * KL(pi_k || pi_beta)`` subtracted from the rewards before GAE) or ``"surrogate"``
+    (eq. (6) read literally), see :class:`~torchrl_depeff.objectives.TRPOLoss`.
+    """
 
     def make(actor: nn.Module, baseline: nn.Module, reference: nn.Module | None) -> TRPOLoss:
         kwargs: dict[str, Any] = {}
         if explicit_kl_coef > 0:
             if reference is None:
                 raise RuntimeError("the explicit-KL ablation needs the BC policy: run the pretrain phase first")
-            kwargs = dict(kl_to_reference_coef=explicit_kl_coef, reference_actor=reference)
+            kwargs = dict(kl_to_reference_coef=explicit_kl_coef, reference_actor=reference,
+                          kl_to_reference_mode=explicit_kl_mode)
         return TRPOLoss(actor, baseline, normalize_advantage=normalize_advantage, **kwargs)
 
     return make
@@ -571,7 +580,7 @@ class ImaginaryTRPO:
         loss = self.loss_factory(loop.actor, self.baseline, loop.reference_policy)
         loss.make_value_estimator(ValueEstimators.GAE, gamma=cfg.gamma, lmbda=cfg.gae_lambda)
         optim = ConjugateGradientTrustRegion(
-            loss.actor_network_params, max_kl=cfg.max_kl, damping=cfg.cg_damping,
+            loss, max_kl=cfg.max_kl, damping=cfg.cg_damping,
             cg_iters=cfg.cg_iterations, backtrack_iters=cfg.line_search_steps,
             accept_ratio=cfg.accept_ratio, check_kl=cfg.check_kl,
         )
@@ -582,6 +591,10 @@ class ImaginaryTRPO:
         rollout = self.imaginary_rollout(loop.actor)
         if self.rollout_labeller is not None:
             rollout = self.rollout_labeller(rollout)
+        if loss.kl_to_reference_mode == "reward" and float(loss.kl_to_reference_coef) > 0:
+            # BREMEN sec. 5.3 as its reference code: the KL penalty is part of the reward the
+            # advantages and the baseline see
+            rollout = loss.penalize_reward(rollout)
         info = trpo_step(loss, optim, rollout)
         self.baseline.fit(rollout, gamma=self.trpo.gamma)
         ret = rollout.get(("next", "reward")).sum(-2).mean()

@@ -518,6 +518,9 @@ class TRPOConfig(Section):
         line_search_steps (int), accept_ratio (float): backtracking (10, 0.1).
         normalize_advantage (bool): standardise advantages. Defaults to ``True``.
         explicit_kl_coef (float): ``alpha`` of the explicit-KL ablation; 0 disables.
+        explicit_kl_mode (str): ``"reward"`` (default: BREMEN's reference code, sec. 5.3 "KL penalty
+            on value": ``alpha KL(pi_k || pi_beta)`` subtracted from the rewards before GAE) or
+            ``"surrogate"`` (eq. (6) read literally: ``E[ratio (A - alpha KL(pi_theta || pi_beta))]``).
     """
 
     enabled: bool = True
@@ -533,8 +536,10 @@ class TRPOConfig(Section):
     accept_ratio: float = 0.1
     normalize_advantage: bool = True
     explicit_kl_coef: float = 0.0
+    explicit_kl_mode: str = "reward"
 
     def _check(self, prefix: str) -> None:
+        check_choice(self.explicit_kl_mode, _path(prefix, "explicit_kl_mode"), ("reward", "surrogate"))
         for name in ("iterations", "batch_size", "cg_iterations", "line_search_steps"):
             check_int(getattr(self, name), _path(prefix, name))
         check_float(self.max_kl, _path(prefix, "max_kl"), gt=0)

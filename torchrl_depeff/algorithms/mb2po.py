@@ -63,6 +63,7 @@ from torchrl.data import Bounded, LazyTensorStorage, TensorDictReplayBuffer, Unb
 from torchrl.envs import DoubleToFloat, EnvBase, ExplorationType, GymEnv, set_exploration_type, TransformedEnv
 from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import SoftUpdate
+from torchrl.objectives.utils import ValueEstimators
 
 from torchrl_depeff.algorithms.bremen import ACTIVATION_MODULES, make_trainer
 from torchrl_depeff.algorithms.components import EnsembleFit, OfflineDataset, RealEnvEvaluation
@@ -527,8 +528,8 @@ class AWACLearner:
         self.loss_module = AWACLoss(
             actor, qnet, num_qvalue_nets=a.num_qvalue_nets, awac_lambda=a.awac_lambda, max_weight=a.max_weight,
             target=a.target, target_quantile=a.target_quantile, num_value_samples=a.num_value_samples,
-            gamma=a.gamma, check_inputs=False,  # the dataset is checked once; model rows are finite (env)
         )
+        self.loss_module.make_value_estimator(ValueEstimators.TD0, gamma=a.gamma)
         self.target_updater = SoftUpdate(self.loss_module, tau=a.tau)
         self.actor_optimizer = torch.optim.Adam(
             list(self.loss_module.actor_network_params.values(True, True)), lr=a.actor_lr,

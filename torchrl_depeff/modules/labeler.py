@@ -207,7 +207,7 @@ def bc_weights(
     r"""MUSBO eq. (11) weights: ``weight = U_hat(a_t, s_t)``, written in place as ``[*B, 1]``.
 
     Eq. (11) is :math:`\min_\beta \frac{1}{|D|}\sum \hat U(a_t,s_t)\,\tfrac12\lVert a_t - \hat\pi_\beta(s_t)\rVert^2`;
-    :class:`~torchrl_depeff.objectives.BCLoss` supplies the ``1/2`` and ``1/|D|``, so the weight
+    :class:`~torchrl_depeff.objectives.WeightedBCLoss` supplies the ``1/2`` and ``1/|D|``, so the weight
     of a row is ``U_hat`` itself (read from ``uncertainty_key``, written by
     :class:`UncertaintyLabeler`), detached. Pass ``weight_key`` to
     :func:`~torchrl_depeff.objectives.train_bc`.
