@@ -14,7 +14,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 from torchrl_depeff.algorithms.checkpoints import load_policy
-from torchrl_depeff.algorithms.common import write_json_atomic
+from torchrl_depeff.io import write_json_atomic
 from torchrl_depeff.algorithms.mb2po import make_native_env
 from torchrl_depeff.data import collect_behaviour_dataset, load_behaviour_dataset, load_d4rl_hdf5, load_minari
 from torchrl_depeff.envs.tasks import get_task

@@ -1,22 +1,18 @@
-"""Pieces shared by the deployment loops: atomic checkpoints, config checks, start states.
+"""Pieces shared by the deployment loops: config checks, start states, the logger factory.
 
-Checkpoints are plain nested dicts of tensors, numbers, strings, lists and dicts, so that
-``torch.load(path, weights_only=True)`` loads them (no pickled Python objects). They are written
-to a temporary file in the same directory, flushed to disk and renamed over the target
-(``os.replace`` is atomic on POSIX): a crash leaves either the previous checkpoint or the new
-one, never a truncated file.
+``atomic_save``, ``load_checkpoint`` and ``write_json_atomic`` are re-exported from
+:mod:`torchrl_depeff.io`, the package's one atomic writer (kept importable from here).
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.record.loggers import get_logger
+
+from torchrl_depeff.io import atomic_save, load_checkpoint, write_json_atomic
 
 __all__ = [
     "atomic_save",
@@ -27,71 +23,6 @@ __all__ = [
     "make_logger",
     "write_json_atomic",
 ]
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, ``os.replace``).
-
-    Args:
-        obj: object to save; keep it ``weights_only``-loadable (tensors, containers, numbers, str).
-        path (str | Path): destination file; its directory is created if needed.
-
-    Returns:
-        Path: the destination.
-
-    Examples:
-        >>> import tempfile, os
-        >>> from torchrl_depeff.algorithms.common import atomic_save, load_checkpoint
-        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
-        >>> _ = atomic_save({"w": torch.ones(2), "step": 3}, path)
-        >>> load_checkpoint(path)["step"]
-        3
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_save` with ``weights_only=True`` on CPU.
-
-    Args:
-        path (str | Path): checkpoint file.
-
-    Examples:
-        >>> import tempfile, os
-        >>> from torchrl_depeff.algorithms.common import atomic_save, load_checkpoint
-        >>> path = os.path.join(tempfile.mkdtemp(), "c.pt")
-        >>> _ = atomic_save({"a": [1, 2]}, path)
-        >>> load_checkpoint(path)
-        {'a': [1, 2]}
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, zero-byte or corrupted files
-        raise ValueError(
-            f"checkpoint {path} ({path.stat().st_size} bytes) is damaged and cannot be loaded "
-            f"({type(err).__name__}: {err}); remove it to restart from the deployments on disk"
-        ) from err
 
 
 def config_diff(
@@ -203,32 +134,6 @@ def completed_episode_returns(data: TensorDictBase) -> torch.Tensor:
     sums = torch.zeros(n, dtype=reward.dtype).index_add_(0, episode, reward)
     ended = torch.zeros(n, dtype=torch.long).index_add_(0, episode, done.long()) > 0
     return sums[ended]
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temp file + fsync + ``os.replace`` (NaN allowed).
-
-    Examples:
-        >>> import tempfile, os, json
-        >>> from torchrl_depeff.algorithms.common import write_json_atomic
-        >>> path = write_json_atomic([{"a": float("nan")}], os.path.join(tempfile.mkdtemp(), "m.json"))
-        >>> json.loads(path.read_text())[0]["a"] != json.loads(path.read_text())[0]["a"]  # NaN
-        True
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 LOGGER_BACKENDS: tuple[str, ...] = ("csv", "tensorboard", "wandb", "mlflow", "none")
