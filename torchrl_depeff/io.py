@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "atomic_write_text",
+    "fsync_directory",
     "load_checkpoint",
     "previous_path",
     "write_json_atomic",
@@ -57,7 +58,16 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(path.name + PREVIOUS_SUFFIX)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: str | Path) -> None:
+    """``fsync`` a directory so that renames and new entries in it survive a power loss.
+
+    A no-op on platforms or filesystems that do not support it.
+
+    Examples:
+        >>> import tempfile
+        >>> from torchrl_depeff.io import fsync_directory
+        >>> fsync_directory(tempfile.mkdtemp())
+    """
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -88,7 +98,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO], None], mode: str, *, k
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
     return path
 
 
