@@ -16,7 +16,8 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl_depeff.algorithms.checkpoints import load_policy
 from torchrl_depeff.io import write_json_atomic
 from torchrl_depeff.algorithms.mb2po import make_native_env
-from torchrl_depeff.data import collect_behaviour_dataset, load_behaviour_dataset, load_d4rl_hdf5, load_minari
+from torchrl_depeff.collectors import collect_behaviour_dataset
+from torchrl_depeff.data import load_behaviour_dataset, load_d4rl_hdf5, load_minari
 from torchrl_depeff.envs.tasks import get_task
 from torchrl_depeff.modules.mixture import make_gmm_actor
 

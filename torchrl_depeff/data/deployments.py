@@ -256,7 +256,7 @@ def validate_transitions(data: TensorDictBase, required_keys: tuple = REQUIRED_K
         >>> validate_transitions(td)
         Traceback (most recent call last):
             ...
-        ValueError: non-finite values (NaN/inf) in key 'action'
+        ValueError: non-finite values (NaN/inf) in key 'action': 1 of 2 rows (first: row 0)
     """
     if not isinstance(data, TensorDictBase):
         raise TypeError(f"data must be a TensorDictBase, got {type(data).__name__}")
@@ -266,11 +266,17 @@ def validate_transitions(data: TensorDictBase, required_keys: tuple = REQUIRED_K
     for key in required_keys:
         if key not in keys:
             raise KeyError(f"required key {key!r} missing from data (keys: {sorted(map(str, keys))})")
+    n = data.batch_size.numel()
     for key, value in data.items(include_nested=True, leaves_only=True):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if not bool(torch.isfinite(value).all()):
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
                 name = key if isinstance(key, str) else tuple(key)
-                raise ValueError(f"non-finite values (NaN/inf) in key {name!r}")
+                bad_rows = ~finite.reshape(n, -1).all(-1)
+                raise ValueError(
+                    f"non-finite values (NaN/inf) in key {name!r}: {int(bad_rows.sum())} of {n} rows "
+                    f"(first: row {int(bad_rows.nonzero()[0, 0])})"
+                )
 
 
 def _make_sampler(sampler: Callable[[], Sampler] | type[Sampler] | None) -> Sampler:
