@@ -206,7 +206,7 @@ def _try_load(path: Path) -> tuple[Any, str | None]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as err:  # noqa: BLE001 - truncated, corrupted or not a torch file at all
-        return None, f"{type(err).__name__}: {err}".strip()
+        return None, " ".join(f"{type(err).__name__}: {err}".split())  # one line
 
 
 def load_checkpoint(path: str | Path, *, fallback: bool = True) -> Any:

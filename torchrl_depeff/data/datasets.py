@@ -74,9 +74,15 @@ NOISE_VARIANTS: dict = {
 
 def _bounds(action_spec, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     space = getattr(action_spec, "space", None)
-    if space is None or not hasattr(space, "low"):
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if not isinstance(low, torch.Tensor) or not isinstance(high, torch.Tensor):
         raise TypeError(f"action_spec must be bounded (space.low/high), got {action_spec!r}")
-    return space.low.to(like), space.high.to(like)
+    limit = torch.finfo(low.dtype).max if low.is_floating_point() else float("inf")
+    if not bool((low.abs() < limit).all() and (high.abs() < limit).all()):  # Unbounded: +-dtype max
+        raise TypeError(
+            f"action_spec must be bounded with finite low/high, got low={low.tolist()}, high={high.tolist()}"
+        )
+    return low.to(like), high.to(like)
 
 
 class EpsilonUniformAction(TensorDictModuleBase):
