@@ -163,6 +163,13 @@ class TestText:
         assert json.loads(path.read_text()) == {"a": 1}
         assert os.listdir(tmp_path) == ["m.json"]
 
+    def test_bytes(self, tmp_path):
+        path = io.atomic_write_bytes(b"\x00\x01", tmp_path / "f.bin")
+        assert path.read_bytes() == b"\x00\x01"
+        with pytest.raises(TypeError, match="got str"):
+            io.atomic_write_bytes("text", path)
+        assert path.read_bytes() == b"\x00\x01" and os.listdir(tmp_path) == ["f.bin"]
+
     def test_text(self, tmp_path):
         path = atomic_write_text("abc", tmp_path / "d" / "t.txt")
         assert path.read_text() == "abc"

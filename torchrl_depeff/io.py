@@ -1,7 +1,8 @@
 """The package's one atomic writer and checkpoint reader.
 
 Every file the library writes that a later run reads back (checkpoints, ``metrics.json``, run
-specs) goes through :func:`atomic_save`, :func:`atomic_write_text` or :func:`write_json_atomic`:
+specs, figures) goes through :func:`atomic_save`, :func:`atomic_write_text`,
+:func:`atomic_write_bytes` or :func:`write_json_atomic`:
 the content is written to a temporary file in the destination's directory, flushed and
 ``fsync``-ed, renamed over the destination with :func:`os.replace` (atomic on POSIX), and the
 directory itself is ``fsync``-ed so the rename survives a power loss. A crash therefore leaves
@@ -31,6 +32,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "atomic_save",
+    "atomic_write_bytes",
     "atomic_write_text",
     "fsync_directory",
     "load_checkpoint",
@@ -165,6 +167,27 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
     if not isinstance(text, str):
         raise TypeError(f"atomic_write_text writes a str, got {type(text).__name__}")
     return _atomic_write(path, lambda f: f.write(text), "w", keep_previous=False)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` atomically (e.g. a figure rendered with ``fig.savefig(BytesIO())``).
+
+    Args:
+        data (bytes): content.
+        path (str | Path): destination file; its directory is created if needed.
+
+    Returns:
+        Path: the destination.
+
+    Examples:
+        >>> import tempfile, os
+        >>> from torchrl_depeff.io import atomic_write_bytes
+        >>> atomic_write_bytes(b"\x89PNG", os.path.join(tempfile.mkdtemp(), "f.png")).read_bytes()
+        b'\x89PNG'
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes writes bytes, got {type(data).__name__}")
+    return _atomic_write(path, lambda f: f.write(data), "wb", keep_previous=False)
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> Path:

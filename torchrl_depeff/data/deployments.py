@@ -334,6 +334,12 @@ class DeploymentReplayBuffers:
     Raises:
         DamagedDeploymentError: a stored deployment is damaged (``on_damaged="raise"``).
 
+    Attributes:
+        damaged (list[DeploymentDamage]): problems of the deployments skipped at load
+            (``on_damaged="skip"``; empty otherwise).
+        unverified (list[int]): deployments written before integrity records (no checksum),
+            loaded after a shape check only.
+
     Examples:
         >>> import tempfile
         >>> from tensordict import TensorDict
