@@ -182,8 +182,8 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     Examples:
         >>> import tempfile, os
         >>> from torchrl_depeff.io import atomic_write_bytes
-        >>> atomic_write_bytes(b"\x89PNG", os.path.join(tempfile.mkdtemp(), "f.png")).read_bytes()
-        b'\x89PNG'
+        >>> atomic_write_bytes(b"PNG", os.path.join(tempfile.mkdtemp(), "f.png")).read_bytes()
+        b'PNG'
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"atomic_write_bytes writes bytes, got {type(data).__name__}")
