@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for examples.mb2
 
 from examples.mb2po.utils import behaviour_policy, LOCAL_NOISE, make_real_env  # noqa: E402
 from torchrl_depeff.algorithms.mb2po import MB2PO, MB2POConfig  # noqa: E402
-from torchrl_depeff.data.datasets import collect_behaviour_dataset  # noqa: E402
+from torchrl_depeff.collectors import collect_behaviour_dataset  # noqa: E402
 from torchrl_depeff.data.scores import d4rl_normalized_score  # noqa: E402
 from torchrl_depeff.envs.tasks import get_task  # noqa: E402
 

@@ -19,6 +19,8 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch.nn import functional as F
 
+from torchrl_depeff.data.episodes import trajectory_windows
+
 __all__ = [
     "deployment_analysis",
     "METRIC_NAMES",
@@ -364,35 +366,6 @@ def deployment_metrics(
     return out
 
 
-def _trajectory_windows(data: TensorDictBase, horizon: int, max_windows: int, generator: torch.Generator) -> TensorDictBase | None:
-    """``[N, horizon]`` windows of consecutive steps, each inside one recorded trajectory.
-
-    Trajectories are identified by ``("collector", "traj_ids")`` (rows of one trajectory are in
-    time order within the flat batch); without ids the rows are taken to be in time order.
-    """
-    data = data.reshape(-1)
-    n = data.shape[0]
-    traj = data.get(("collector", "traj_ids"), None)
-    if traj is None:
-        traj = torch.cat([torch.zeros(1, dtype=torch.long), data.get(("next", "done")).reshape(n)[:-1].long().cumsum(0)])
-    traj = traj.reshape(n).long()
-    order = torch.sort(traj, stable=True).indices
-    sorted_ids = traj[order]
-    new = torch.ones(n, dtype=torch.bool)
-    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    starts = torch.nonzero(new).squeeze(-1)
-    seg = torch.cumsum(new.long(), 0) - 1
-    pos = torch.arange(n) - starts[seg]
-    lengths = torch.diff(torch.cat([starts, torch.tensor([n])]))
-    ok = (pos % horizon == 0) & (pos + horizon <= lengths[seg])
-    first = torch.nonzero(ok).squeeze(-1)
-    if first.numel() == 0:
-        return None
-    pick = first[torch.randperm(first.numel(), generator=generator)[:max_windows]]
-    idx = order[pick.unsqueeze(-1) + torch.arange(horizon)]
-    return data[idx]
-
-
 def deployment_analysis(
     buffers: object,
     model: object,
@@ -442,7 +415,7 @@ def deployment_analysis(
         earlier = torch.cat([buffers.as_tensordict(i)["observation"].reshape(-1, d) for i in range(k)])
         previous = earlier[torch.randperm(earlier.shape[0], generator=g)[:max_states]].to(device)
         new = latest["observation"][torch.randperm(latest.shape[0], generator=g)[:max_states]].to(device)
-    windows = _trajectory_windows(latest, horizon, num_trajectories, g)
+    windows = trajectory_windows(latest, horizon, num_trajectories, g)
     values = deployment_metrics(
         new_batch=new, previous_data=previous, model=model,
         real_trajectories=windows.to(device) if windows is not None else None,

@@ -15,7 +15,8 @@ import torch
 
 from torchrl_depeff.algorithms import BREMEN, BREMENConfig
 from torchrl_depeff.algorithms.checkpoints import load_policy
-from torchrl_depeff.data import collect_behaviour_dataset, load_behaviour_dataset
+from torchrl_depeff.collectors import collect_behaviour_dataset
+from torchrl_depeff.data import load_behaviour_dataset
 from torchrl_depeff.envs import make_env
 
 __all__ = ["dataset", "trained_policy"]

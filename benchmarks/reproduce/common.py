@@ -22,11 +22,13 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from torchrl_depeff.io import atomic_write_bytes, atomic_write_text
 from torchrl_depeff.stats import interval_estimate, iqm, poi_interval_estimate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,11 +245,10 @@ def plot(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...]
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(buffer.getvalue(), path)
 
 
 def markdown(summary: dict[str, Any], group: tuple[str, ...] = ("algorithm", "task")) -> str:
@@ -269,9 +270,9 @@ def write_results(claim: str, records: list[dict], summary: dict[str, Any], meta
     """``<claim>.jsonl`` (the records), ``<claim>.json`` (summary + meta), ``.md`` and ``.png``."""
     where.mkdir(parents=True, exist_ok=True)
     paths = {k: where / f"{claim}.{k}" for k in ("jsonl", "json", "md", "png")}
-    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in records))
-    paths["json"].write_text(json.dumps({"claim": claim, "meta": meta, **summary}, indent=1))
-    paths["md"].write_text(f"# {title}\n\n{json.dumps(meta)}\n\n{markdown(summary, group)}\n")
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), paths["jsonl"])
+    atomic_write_text(json.dumps({"claim": claim, "meta": meta, **summary}, indent=1), paths["json"])
+    atomic_write_text(f"# {title}\n\n{json.dumps(meta)}\n\n{markdown(summary, group)}\n", paths["md"])
     plot(summary, paths["png"], title, group)
     return paths
 

@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from torchrl_depeff.algorithms import BREMENConfig
 from torchrl_depeff.algorithms.checkpoints import load_policy
-from torchrl_depeff.data import collect_behaviour_dataset, load_behaviour_dataset, load_d4rl_hdf5  # TODO(D): collectors
+from torchrl_depeff.collectors import collect_behaviour_dataset
+from torchrl_depeff.data import load_behaviour_dataset, load_d4rl_hdf5
 from torchrl_depeff.envs import make_env
 from torchrl_depeff.metrics_plots import BREMEN_COLUMNS, markdown_table, plot_returns
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 from torchrl_depeff.algorithms.checkpoints import load_policy
-from torchrl_depeff.algorithms.common import write_json_atomic
 from torchrl_depeff.algorithms.mb2po import make_native_env
-from torchrl_depeff.data import collect_behaviour_dataset, load_behaviour_dataset, load_d4rl_hdf5, load_minari
+from torchrl_depeff.collectors import collect_behaviour_dataset
+from torchrl_depeff.data import load_behaviour_dataset, load_d4rl_hdf5, load_minari
 from torchrl_depeff.envs.tasks import get_task
+from torchrl_depeff.io import atomic_write_bytes, write_json_atomic
 from torchrl_depeff.modules.mixture import make_gmm_actor
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,10 @@ def plot_learning_curve(curve: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def dataset_summary(data: TensorDictBase) -> dict[str, float]:

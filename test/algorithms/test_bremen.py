@@ -13,7 +13,7 @@ from torchrl_depeff.algorithms.common import atomic_save, episode_start_states, 
 from torchrl_depeff.algorithms.loop import PHASES
 from torchrl_depeff.collectors.deployment import policy_hash
 from torchrl_depeff.collectors.gate import DeploymentRefused
-from torchrl_depeff.data.datasets import collect_behaviour_dataset
+from torchrl_depeff.collectors import collect_behaviour_dataset
 from torchrl_depeff.envs.tasks import make_env
 
 B = 200

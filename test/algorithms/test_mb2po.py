@@ -368,7 +368,7 @@ class TestPenaltyDrivesCritic:
 
 
 def _run_tiny():
-    from torchrl_depeff.data.datasets import collect_behaviour_dataset
+    from torchrl_depeff.collectors import collect_behaviour_dataset
     from torchrl_depeff.envs.tasks import make_env
 
     env = make_env("halfcheetah")
@@ -610,7 +610,7 @@ class TestBehaviourPolicyFromBREMEN:
         assert torch.equal(ours["action"], ref["action"].clamp(-1.0, 1.0))
 
     def test_collects_a_dataset(self, tmp_path):
-        from torchrl_depeff.data.datasets import collect_behaviour_dataset
+        from torchrl_depeff.collectors import collect_behaviour_dataset
 
         utils = self._utils()
         _, path = self._bremen_checkpoint(tmp_path)

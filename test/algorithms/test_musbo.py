@@ -18,7 +18,7 @@ from torchrl_depeff.algorithms.musbo import (
     MUSBO_VARIANTS,
     MUSBOConfig,
 )
-from torchrl_depeff.metrics import _trajectory_windows
+from torchrl_depeff.data.episodes import trajectory_windows as _trajectory_windows
 from torchrl_depeff.modules.labeler import ExplorationUncertainty, support_from_predictions
 from torchrl_depeff.objectives.uw_trpo import UncertaintyWeightedTRPOLoss
 

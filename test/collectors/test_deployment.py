@@ -189,3 +189,75 @@ class TestDeploymentCollector:
         assert not torch.allclose(d2["action"], d0["action"])
         with pytest.raises(KeyError):
             dc.deploy(torch.nn.Linear(3, 1))
+
+
+class ConstantAction(TensorDictModuleBase):
+    """A policy writing a constant action (NaN or far out of bounds) after a real observation."""
+
+    def __init__(self, value: float, act_dim: int = 1, at_step: int = 0) -> None:
+        super().__init__()
+        self.value, self.act_dim, self.at_step, self.calls = value, act_dim, at_step, 0
+        self.in_keys, self.out_keys = ["observation"], ["action"]
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        obs = td["observation"]
+        value = self.value if self.calls >= self.at_step else 0.0
+        self.calls += 1
+        td["action"] = torch.full((*obs.shape[:-1], self.act_dim), value)
+        return td
+
+
+class TestDataChecks:
+    """Non-finite or far out-of-range values never become a deployment (issue 16)."""
+
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+    def test_nonfinite_policy_refused(self, value):
+        env = GymEnv("Pendulum-v1")  # a plain GymEnv: nothing refuses NaN before the data check
+        with pytest.raises(ValueError, match=r"deployment 4: \d+ non-finite value\(s\) in key 'action'"):
+            collect_deployment(ConstantAction(value, at_step=3), env, 20, deployment=4, policy_version=0,
+                               frames_per_batch=10)
+
+    def test_far_out_of_bounds_refused(self):
+        from torchrl_depeff.envs.vector import make_vector_env
+
+        env = make_vector_env("hopper", 2, seed=0)
+        with pytest.raises(ValueError, match=r"deployment 2: 30 action value\(s\) outside the env's bounds \[-1, 1\].*first: 10\.0"):
+            collect_deployment(ConstantAction(10.0, act_dim=3), env, 10, deployment=2, policy_version=0)
+        data, _ = collect_deployment(ConstantAction(10.0, act_dim=3), env, 10, deployment=2, policy_version=0,
+                                     action_tolerance=None)  # the check can be switched off
+        assert (data["action"] == 10.0).all()
+
+    def test_nan_policy_refused_by_the_task_env(self):
+        from torchrl_depeff.envs.tasks import make_env
+
+        with pytest.raises(ValueError, match=r"task 'hopper': refusing to step the real env with 3 non-finite"):
+            collect_deployment(ConstantAction(float("nan"), act_dim=3), make_env("hopper"), 10, deployment=0,
+                               policy_version=0)
+
+    def test_bremen_noise_is_collected(self):
+        """tanh(mu) + N(0, 0.1^2) leaves [-1, 1] slightly: within the tolerance."""
+        from torchrl_depeff.envs.vector import make_vector_env
+
+        env = make_vector_env("hopper", 4, seed=0)
+        data, _ = collect_deployment(ConstantAction(1.0, act_dim=3), env, 400, deployment=0, policy_version=0,
+                                     exploration=AddNoise(0.1), seed=0)
+        assert data["action"].max() > 1.0  # the noise did leave the bounds, and it was kept
+        assert data.batch_size == (400,)
+
+    def test_explicit_bounds_and_bad_tolerance(self):
+        env = GymEnv("Pendulum-v1")
+        with pytest.raises(ValueError, match=r"bounds \[-0\.5, 0\.5\]"):
+            collect_deployment(ConstantAction(5.0), env, 10, deployment=0, policy_version=0, frames_per_batch=10,
+                               bounds=(torch.tensor([-0.5]), torch.tensor([0.5])))
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(ValueError, match="action_tolerance"):
+                collect_deployment(ConstantAction(0.0), env, 10, deployment=0, policy_version=0,
+                                   action_tolerance=bad)
+
+    def test_action_bounds(self):
+        from torchrl_depeff.collectors.deployment import action_bounds
+        from torchrl_depeff.envs.vector import make_vector_env
+
+        low, high = action_bounds(make_vector_env("hopper", 3))
+        assert low.tolist() == [-1.0] * 3 and high.tolist() == [1.0] * 3
+        assert action_bounds(lambda: GymEnv("Pendulum-v1")) is None  # a factory is not built

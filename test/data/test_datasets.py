@@ -1,6 +1,7 @@
 """Tests for BREMEN behaviour datasets (noise variants), atomic save/load, validation, loaders."""
 from __future__ import annotations
 
+import re
 import sys
 
 import h5py
@@ -11,9 +12,9 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.envs import GymEnv
 
+from torchrl_depeff.collectors import collect_behaviour_dataset
 from torchrl_depeff.data import datasets as ds
 from torchrl_depeff.data.datasets import (
-    collect_behaviour_dataset,
     load_behaviour_dataset,
     load_d4rl_hdf5,
     load_minari,
@@ -199,6 +200,53 @@ class TestD4RL:
             f.create_dataset("observations", data=np.zeros((3, 2), np.float32))
         with pytest.raises(KeyError, match="actions"):
             load_d4rl_hdf5(tmp_path / "bad.hdf5")
+
+
+    @pytest.mark.parametrize("key", ["observations", "actions", "rewards", "next_observations"])
+    @pytest.mark.parametrize("value", [np.nan, np.inf])
+    def test_nonfinite_refused_naming_key_and_rows(self, tmp_path, key, value):
+        self._write(tmp_path / "d.hdf5", with_next=True)
+        with h5py.File(tmp_path / "d.hdf5", "r+") as f:
+            data = f[key][()]
+            data[[1, 3]] = value
+            del f[key]
+            f.create_dataset(key, data=data)
+        with pytest.raises(ValueError, match=rf"d\.hdf5: dataset '{key}' has non-finite values \(NaN/inf\) in 2 of 6 rows \(first: row 1\)"):
+            load_d4rl_hdf5(tmp_path / "d.hdf5")
+
+    def test_empty_and_ragged_refused(self, tmp_path):
+        with h5py.File(tmp_path / "e.hdf5", "w") as f:
+            for key in ("observations", "actions", "rewards", "terminals"):
+                f.create_dataset(key, data=np.zeros((0, 2), np.float32))
+        with pytest.raises(ValueError, match=r"e\.hdf5 holds no rows"):
+            load_d4rl_hdf5(tmp_path / "e.hdf5")
+        self._write(tmp_path / "r.hdf5", with_next=True)
+        with h5py.File(tmp_path / "r.hdf5", "r+") as f:
+            del f["rewards"]
+            f.create_dataset("rewards", data=np.zeros(5, np.float32))
+        with pytest.raises(ValueError, match=r"'rewards' in .*r\.hdf5 has shape \[5\], expected 6 rows"):
+            load_d4rl_hdf5(tmp_path / "r.hdf5")
+
+
+class TestNonFiniteEveryKey:
+    @pytest.mark.parametrize("key", ["observation", "action", ("next", "observation"), ("next", "reward"), "extra"])
+    def test_validate_offline_dataset_names_key(self, key):
+        td = transitions(8).set("extra", torch.zeros(8, 2))
+        td[key][2] = float("nan")
+        with pytest.raises(ValueError, match=rf"non-finite values \(NaN/inf\) in key {re.escape(repr(key))}: 1 of 8 rows \(first: row 2\)"):
+            validate_offline_dataset(td)
+
+
+class TestMovedCollectBehaviourDataset:
+    def test_old_name_warns_and_is_the_same_function(self):
+        import torchrl_depeff.data as data_pkg
+        from torchrl_depeff import collectors
+
+        with pytest.warns(FutureWarning, match="torchrl_depeff.collectors.collect_behaviour_dataset"):
+            old = data_pkg.collect_behaviour_dataset
+        assert old is collectors.collect_behaviour_dataset
+        with pytest.raises(AttributeError, match="no_such_name"):
+            data_pkg.no_such_name
 
 
 class TestMinari:

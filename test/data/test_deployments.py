@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -134,6 +135,28 @@ class TestDeploymentReplayBuffers:
         big = torch.cat([view.sample()["deployment"].reshape(-1) for _ in range(60)])
         assert abs((big == 0).float().mean().item() - 0.6) < 0.05
 
+    def test_sample_paths_have_the_same_shapes(self, tmp_path):
+        bufs = DeploymentReplayBuffers(tmp_path, batch_size=128)
+        bufs.add_deployment(make_transitions(300), policy_version=0)
+        single = bufs.all().sample()
+        bufs.add_deployment(make_transitions(200), policy_version=1)
+        ensemble, direct, latest = bufs.all().sample(), bufs.sample(), bufs.latest().sample()
+        for key in direct.keys(True, True):
+            if key != "index":  # the ensemble's index also names the buffer
+                shapes = {tuple(td[key].shape) for td in (single, ensemble, direct, latest)}
+                assert len(shapes) == 1, (key, shapes)
+        assert ensemble.batch_size == direct.batch_size == (128,)
+        assert ensemble["deployment"].shape == (128,)
+        sample, info = bufs.all().sample(return_info=True)
+        assert sample.batch_size == (128,) and info.batch_size == (128,)
+
+    @pytest.mark.parametrize("batch", [(0,), (0, 4), (3, 0)])
+    def test_empty_data_refused(self, tmp_path, batch):
+        bufs = DeploymentReplayBuffers(tmp_path)
+        with pytest.raises(ValueError, match=re.escape(f"data is empty (batch_size={tuple(batch)})")):
+            bufs.add_deployment(make_transitions(0, batch=batch), policy_version=0)
+        assert list(tmp_path.iterdir()) == []
+
     @pytest.mark.parametrize(
         "key,err",
         [("action", KeyError), (("next", "reward"), KeyError), (("next", "done"), KeyError)],
@@ -184,7 +207,8 @@ DeploymentReplayBuffers._write = slow_write
 n = 50
 td = TensorDict({"observation": torch.randn(n, 3), "action": torch.randn(n, 2),
     "next": {"observation": torch.randn(n, 3), "reward": torch.randn(n, 1),
-             "done": torch.zeros(n, 1, dtype=torch.bool)}}, batch_size=[n])
+             "done": torch.zeros(n, 1, dtype=torch.bool),
+             "terminated": torch.zeros(n, 1, dtype=torch.bool)}}, batch_size=[n])
 DeploymentReplayBuffers(sys.argv[1]).add_deployment(td, policy_version=1)
 """
 

@@ -203,3 +203,14 @@ def test_task_spec_fields():
 def test_make_env_kwargs_override():
     env = make_env("halfcheetah", ctrl_cost_weight=0.5)
     assert env.base_env._env.unwrapped._ctrl_cost_weight == 0.5
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_action_refused_before_the_step(value):
+    env = make_env("hopper")
+    td = env.reset()
+    td["action"] = torch.tensor([0.0, value, 0.0])
+    with pytest.raises(ValueError, match=r"task 'hopper': refusing to step the real env with 1 non-finite .*index \[1\]"):
+        env.step(td)
+    td["action"] = torch.zeros(3)
+    assert torch.isfinite(env.step(td)["next", "reward"]).all()  # the env is still usable

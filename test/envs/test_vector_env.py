@@ -176,3 +176,13 @@ def test_native_partial_reset_only_resets_masked():
     torch.testing.assert_close(out["observation"][[0, 2]], nxt["observation"][[0, 2]])
     assert not torch.allclose(out["observation"][1], nxt["observation"][1])
     assert not out["done"].any()
+
+
+@pytest.mark.parametrize("backend", ["native", "gym_wrapper"])
+def test_nonfinite_action_refused(backend):
+    env = make_vector_env("hopper", 2, seed=0, backend=backend)
+    td = env.reset()
+    td["action"] = torch.zeros(2, 3)
+    td["action"][1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"task 'hopper': refusing to step the real env with 1 non-finite .*index \[1, 2\]"):
+        env.step(td)

@@ -31,10 +31,10 @@ from torchrl.envs import EnvBase, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.utils import ValueEstimators
 
-from torchrl_depeff.algorithms.common import completed_episode_returns, episode_start_states
 from torchrl_depeff.collectors.deployment import DeploymentCollector, freeze_policy, policy_hash
 from torchrl_depeff.collectors.gate import DeploymentGate
 from torchrl_depeff.data.datasets import validate_offline_dataset
+from torchrl_depeff.data.episodes import completed_episode_returns, episode_start_states
 from torchrl_depeff.envs.model_env import EnsembleModelEnv
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble

@@ -38,8 +38,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torchrl._utils import logger as torchrl_logger
 
-from torchrl_depeff.algorithms.common import atomic_save, config_diff, load_checkpoint, write_json_atomic
+from torchrl_depeff.algorithms.common import config_diff
 from torchrl_depeff.data.deployments import DeploymentReplayBuffers
+from torchrl_depeff.io import atomic_save, load_checkpoint, write_json_atomic
 
 __all__ = ["DeploymentLoop", "PHASES", "CHECKPOINT_FORMAT"]
 

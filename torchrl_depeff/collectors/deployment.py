@@ -13,6 +13,18 @@ dict (``policy_hash`` of the frozen policy, exploration module excluded, ``deplo
 :meth:`~torchrl_depeff.data.deployments.DeploymentReplayBuffers.add_deployment`. Non-tensor
 metadata inside the TensorDict would not survive the memory-mapped storage cleanly.
 
+Data checks: nothing non-finite or far out of range is handed out as a deployment. Before
+returning, :func:`collect_deployment` checks every floating-point entry for NaN/inf and the actions
+against the env's bounds (:func:`validate_deployment_data`), and raises a ``ValueError`` naming the
+deployment, the key, the count and the first bad value. Choice (tolerance): BREMEN deploys
+``tanh(mu) + N(0, 0.1^2)`` unclipped (App. F.1, the env clips), which legitimately leaves
+``[-1, 1]`` by a few tenths; an action is refused only beyond ``action_tolerance`` times the bound
+range outside the bounds (default ``3.0``: outside ``[-7, 7]`` for ``[-1, 1]``). BREMEN's noise
+never gets there, nor in practice does an unsquashed Gaussian policy of unit std (TorchRL's usual
+initial scale: at least 6 standard deviations from a mean inside the bounds, about one value in
+10^9), while a policy whose output is off in scale (e.g. ``10.0``) is refused. Any stochastic
+policy can be collected unchecked with ``action_tolerance=None``; NaN/inf are always refused.
+
 Scale-out (issue 8): the same call collects in-process from a batched env (``"single"``, e.g.
 :func:`~torchrl_depeff.envs.vector.make_vector_env`), in worker processes (``"multisync"``) or on
 Ray actors (``"ray"``, local or a cluster via ``ray_address``), selected by config only.
@@ -34,13 +46,20 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
 __all__ = [
+    "ACTION_TOLERANCE",
     "BACKENDS",
     "DeploymentCollectionError",
     "DeploymentCollector",
+    "action_bounds",
     "collect_deployment",
     "freeze_policy",
     "policy_hash",
+    "validate_deployment_data",
 ]
+
+#: default ``action_tolerance`` of :func:`collect_deployment`: fraction of the bound range
+#: ``high - low`` by which a collected action may lie outside the env's bounds
+ACTION_TOLERANCE: float = 3.0
 
 
 def freeze_policy(policy: nn.Module) -> nn.Module:
@@ -93,6 +112,116 @@ def policy_hash(policy: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def action_bounds(env: EnvBase | Callable[[], EnvBase]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-dimension ``(low, high)`` of an env's ``"action"`` spec, or ``None`` if unknown or unbounded.
+
+    A batched env's ``[*batch, act_dim]`` bounds are reduced to ``[act_dim]`` (widest over the
+    batch). An env factory gives ``None`` (it is not built just to read its spec).
+
+    Examples:
+        >>> from torchrl.envs import GymEnv
+        >>> from torchrl_depeff.collectors.deployment import action_bounds
+        >>> action_bounds(GymEnv("Pendulum-v1"))
+        (tensor([-2.]), tensor([2.]))
+    """
+    if not isinstance(env, EnvBase):
+        return None
+    spec = env.full_action_spec.get("action", None) if "action" in env.full_action_spec.keys() else None
+    space = getattr(spec, "space", None)
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if not isinstance(low, torch.Tensor) or not isinstance(high, torch.Tensor) or low.ndim == 0:
+        return None
+    low = low.detach().to("cpu", torch.float32).reshape(-1, low.shape[-1]).amin(0)
+    high = high.detach().to("cpu", torch.float32).reshape(-1, high.shape[-1]).amax(0)
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        return None
+    return low, high
+
+
+def _first_bad(value: torch.Tensor, bad: torch.Tensor) -> tuple[int, float, int]:
+    """``(count, first bad value, its row)`` of a boolean mask over ``value`` (rows first)."""
+    flat = bad.reshape(bad.shape[0], -1)
+    rows = flat.any(-1)
+    row = int(rows.nonzero()[0, 0])
+    col = int(flat[row].nonzero()[0, 0])
+    return int(bad.sum()), float(value.reshape(value.shape[0], -1)[row, col]), row
+
+
+def validate_deployment_data(
+    data: TensorDictBase,
+    *,
+    deployment: int,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    action_tolerance: float | None = ACTION_TOLERANCE,
+    action_key: str = "action",
+) -> None:
+    """Refuse collected transitions holding NaN/inf, or actions far outside the env's bounds.
+
+    Vectorised: one ``isfinite`` reduction per floating-point entry and one bound comparison on
+    the actions.
+
+    Args:
+        data (TensorDictBase): collected rows ``[B]``.
+
+    Keyword Args:
+        deployment (int): deployment index, for the message.
+        bounds (tuple[Tensor, Tensor], optional): per-dimension action ``(low, high)``; ``None``
+            skips the bound check.
+        action_tolerance (float, optional): an action is refused when it lies more than
+            ``action_tolerance * (high - low)`` outside ``[low, high]``; ``None`` skips the bound
+            check. Defaults to :data:`ACTION_TOLERANCE`.
+        action_key (str): the action entry. Defaults to ``"action"``.
+
+    Raises:
+        ValueError: names the deployment, the key, the number of bad values and the first one.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl_depeff.collectors.deployment import validate_deployment_data
+        >>> td = TensorDict({"action": torch.tensor([[0.5], [1.2], [10.0]])}, [3])
+        >>> bounds = (torch.tensor([-1.0]), torch.tensor([1.0]))
+        >>> validate_deployment_data(td[:2], deployment=0, bounds=bounds)  # 1.2: within tolerance
+        >>> validate_deployment_data(td, deployment=3, bounds=bounds)
+        Traceback (most recent call last):
+            ...
+        ValueError: deployment 3: 1 action value(s) outside the env's bounds [-1, 1] by more than the tolerance 3 x (high - low) (first: 10.0 in row 2); the deployment is not stored. Check the policy's output scale, or pass action_tolerance=None to collect anyway
+    """
+    for key, value in data.items(include_nested=True, leaves_only=True):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                count, first, row = _first_bad(value, ~finite.reshape(value.shape[0], -1))
+                name = key if isinstance(key, str) else "/".join(key)
+                raise ValueError(
+                    f"deployment {deployment}: {count} non-finite value(s) in key {name!r} (first: {first} in "
+                    f"row {row}); the deployment is not stored. A NaN/inf policy output or observation "
+                    "means a diverged policy or a broken env: check the policy's weights and inputs"
+                )
+    if bounds is None or action_tolerance is None or action_key not in data.keys():
+        return
+    if float(action_tolerance) < 0:
+        raise ValueError(f"action_tolerance must be >= 0 or None, got {action_tolerance!r}")
+    action = data.get(action_key)
+    low, high = (b.to(action.device, action.dtype) for b in bounds)
+    if action.shape[-1:] != low.shape[-1:]:
+        raise ValueError(
+            f"deployment {deployment}: action of shape {list(action.shape[1:])} does not match the env's "
+            f"action bounds of shape {list(low.shape)}"
+        )
+    margin = float(action_tolerance) * (high - low)
+    outside = (action < low - margin) | (action > high + margin)
+    if bool(outside.any()):
+        count, first, row = _first_bad(action, outside)
+        lo = low.tolist() if low.numel() > 1 and not bool((low == low[0]).all()) else f"{float(low[0]):g}"
+        hi = high.tolist() if high.numel() > 1 and not bool((high == high[0]).all()) else f"{float(high[0]):g}"
+        raise ValueError(
+            f"deployment {deployment}: {count} action value(s) outside the env's bounds [{lo}, {hi}] by more "
+            f"than the tolerance {float(action_tolerance):g} x (high - low) (first: {first} in row {row}); the "
+            "deployment is not stored. Check the policy's output scale, or pass action_tolerance=None to "
+            "collect anyway"
+        )
 
 
 def _deployed(policy: nn.Module, exploration: nn.Module | None) -> tuple[nn.Module, nn.Module]:
@@ -354,6 +483,8 @@ def collect_deployment(
     ray_address: str | None = None,
     ray_init_config: dict | None = None,
     ray_remote_config: dict | None = None,
+    action_tolerance: float | None = ACTION_TOLERANCE,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[TensorDictBase, dict]:
     """Collect exactly ``num_transitions`` real transitions with a frozen copy of ``policy``.
 
@@ -412,6 +543,17 @@ def collect_deployment(
         ray_init_config (dict, optional): extra ``ray.init`` kwargs (e.g. ``{"num_cpus": 2}``).
         ray_remote_config (dict, optional): Ray actor options per worker. Defaults to
             ``{"num_cpus": 1}``.
+        action_tolerance (float, optional): collected actions more than ``action_tolerance *
+            (high - low)`` outside the env's bounds are refused (see module doc); ``None``
+            disables the bound check (never the NaN/inf check). Defaults to
+            :data:`ACTION_TOLERANCE`.
+        bounds (tuple[Tensor, Tensor], optional): per-dimension action ``(low, high)``; defaults
+            to :func:`action_bounds` of ``env`` (``None`` for a factory: pass them to get the
+            bound check with ``"multisync"``/``"ray"``).
+
+    Raises:
+        ValueError: bad arguments, or collected data with NaN/inf values or out-of-bound actions
+            (deployment, key, count and first bad value named; nothing is returned).
 
     Returns:
         tuple[TensorDictBase, dict]: the ``[B]`` transitions and the info dict (see module doc;
@@ -429,10 +571,16 @@ def collect_deployment(
         (torch.Size([50]), [0], True)
         >>> from torchrl_depeff.envs.vector import make_vector_env
         >>> vec = make_vector_env("halfcheetah", 4, seed=0)
-        >>> policy = TensorDictModule(torch.nn.Linear(17, 6), ["observation"], ["action"])
+        >>> policy = TensorDictModule(torch.nn.Sequential(torch.nn.Linear(17, 6), torch.nn.Tanh()),
+        ...                           ["observation"], ["action"])
         >>> data, info = collect_deployment(policy, vec, 30, deployment=1, policy_version=1, seed=0)
         >>> data.batch_size, info["collector"], info["attempts"]
         (torch.Size([30]), 'single', 1)
+        >>> wild = TensorDictModule(lambda obs: obs[..., :6] * 0 + 10.0, ["observation"], ["action"])
+        >>> collect_deployment(wild, vec, 8, deployment=2, policy_version=2)
+        Traceback (most recent call last):
+            ...
+        ValueError: deployment 2: 48 action value(s) outside the env's bounds [-1, 1] by more than the tolerance 3 x (high - low) (first: 10.0 in row 0); ...
     """
     if int(num_transitions) < 1:
         raise ValueError(f"num_transitions must be >= 1, got {num_transitions}")
@@ -442,7 +590,11 @@ def collect_deployment(
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if collector not in BACKENDS:
         raise ValueError(f"collector must be one of {list(BACKENDS)}, got {collector!r}")
+    if action_tolerance is not None and not float(action_tolerance) >= 0:  # also refuses NaN
+        raise ValueError(f"action_tolerance must be >= 0 or None, got {action_tolerance!r}")
     num_transitions = int(num_transitions)
+    if bounds is None:
+        bounds = action_bounds(env)
     frozen, deployed = _deployed(policy, exploration)
     digest = policy_hash(frozen)
     start = time.perf_counter()
@@ -469,6 +621,7 @@ def collect_deployment(
     n = data.shape[0]
     if n != num_transitions:  # guard: never hand out a partial deployment
         raise DeploymentCollectionError(f"collected {n} rows instead of {num_transitions}")
+    validate_deployment_data(data, deployment=int(deployment), bounds=bounds, action_tolerance=action_tolerance)
     data.set("deployment", torch.full((n,), int(deployment), dtype=torch.int64))
     data.set("policy_version", torch.full((n,), int(policy_version), dtype=torch.int64))
     info = {

@@ -1,5 +1,9 @@
 """Behaviour datasets for offline RL (BREMEN App. G.4) and local D4RL / Minari loading.
 
+The collection itself, :func:`~torchrl_depeff.collectors.collect_behaviour_dataset`, lives in
+:mod:`torchrl_depeff.collectors` (it runs the real env); this module holds the noise variants,
+the dataset storage, validation and the loaders.
+
 BREMEN's offline experiments (App. G.4, Table 7) collect 1M transitions per dataset with a
 partially trained behaviour policy ``pi_b`` and one of five noise variants, quoted from the paper:
 
@@ -36,24 +40,20 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
-from torch import nn
 from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
-from torchrl.envs import EnvBase
 
-from torchrl_depeff.collectors.deployment import collect_deployment
 from torchrl_depeff.data.deployments import validate_transitions
+from torchrl_depeff.io import fsync_directory, write_json_atomic
 
 __all__ = [
     "NOISE_VARIANTS",
     "EpsilonUniformAction",
     "ClippedGaussianAction",
     "UniformRandomAction",
-    "collect_behaviour_dataset",
     "save_behaviour_dataset",
     "load_behaviour_dataset",
     "validate_offline_dataset",
@@ -74,9 +74,15 @@ NOISE_VARIANTS: dict = {
 
 def _bounds(action_spec, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     space = getattr(action_spec, "space", None)
-    if space is None or not hasattr(space, "low"):
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if not isinstance(low, torch.Tensor) or not isinstance(high, torch.Tensor):
         raise TypeError(f"action_spec must be bounded (space.low/high), got {action_spec!r}")
-    return space.low.to(like), space.high.to(like)
+    limit = torch.finfo(low.dtype).max if low.is_floating_point() else float("inf")
+    if not bool((low.abs() < limit).all() and (high.abs() < limit).all()):  # Unbounded: +-dtype max
+        raise TypeError(
+            f"action_spec must be bounded with finite low/high, got low={low.tolist()}, high={high.tolist()}"
+        )
+    return low.to(like), high.to(like)
 
 
 class EpsilonUniformAction(TensorDictModuleBase):
@@ -174,84 +180,6 @@ class UniformRandomAction(TensorDictModuleBase):
         return tensordict
 
 
-def collect_behaviour_dataset(
-    policy: nn.Module,
-    env: EnvBase,
-    num_transitions: int,
-    *,
-    noise: Literal["eps1", "eps3", "gaussian1", "gaussian3", "random"] | None = None,
-    seed: int = 0,
-    path: str | Path | None = None,
-    frames_per_batch: int | None = None,
-) -> TensorDict:
-    """Collect a BREMEN App. G.4 behaviour dataset of exactly ``num_transitions`` rows.
-
-    See the module docstring for the paper's definition of each variant and the choices made.
-
-    Args:
-        policy (nn.Module): behaviour policy ``pi_b`` (TensorDict module writing ``"action"``).
-        env (EnvBase): real env with a bounded ``action_spec``.
-        num_transitions (int): dataset size ``N``.
-
-    Keyword Args:
-        noise (str | None): ``"eps1"``, ``"eps3"``, ``"gaussian1"``, ``"gaussian3"``, ``"random"``
-            or ``None`` (pure ``pi_b``).
-        seed (int): seeds env and noise (part ``i`` uses ``seed + i``). Defaults to ``0``.
-        path (str | Path, optional): if given, also saved there atomically as a TorchRL buffer
-            (:func:`save_behaviour_dataset`).
-        frames_per_batch (int, optional): forwarded to the collector.
-
-    Returns:
-        TensorDict: ``[N]`` transitions with ``"behaviour_mode"`` (0/1/2, int64).
-
-    Examples:
-        >>> from torchrl.envs import GymEnv
-        >>> from tensordict.nn import TensorDictModule
-        >>> from torchrl_depeff.data.datasets import collect_behaviour_dataset
-        >>> pi_b = TensorDictModule(torch.nn.Linear(3, 1), ["observation"], ["action"])
-        >>> td = collect_behaviour_dataset(pi_b, GymEnv("Pendulum-v1"), 25, noise="eps1")
-        >>> td.batch_size, td["behaviour_mode"].bincount().tolist()
-        (torch.Size([25]), [10, 10, 5])
-    """
-    if noise not in NOISE_VARIANTS:
-        raise ValueError(f"noise must be one of {list(NOISE_VARIANTS)}, got {noise!r}")
-    n = int(num_transitions)
-    if n < 1:
-        raise ValueError(f"num_transitions must be >= 1, got {num_transitions}")
-    if not isinstance(env, EnvBase):
-        raise TypeError(f"env must be a torchrl EnvBase, got {type(env).__name__}")
-    f_b, f_noisy, _, kind, scale = NOISE_VARIANTS[noise]
-    n_b = int(round(f_b * n))
-    n_noisy = int(round(f_noisy * n))
-    sizes = (n_b, n_noisy, n - n_b - n_noisy)
-    spec = env.action_spec
-    _bounds(spec, torch.zeros(()))  # validate early
-    noise_module = None
-    if kind == "eps":
-        noise_module = EpsilonUniformAction(scale, spec)
-    elif kind == "gaussian":
-        noise_module = ClippedGaussianAction(scale, spec)
-    parts = []
-    for mode, size in enumerate(sizes):
-        if size == 0:
-            continue
-        if mode == 2:
-            part_policy, exploration = UniformRandomAction(spec), None
-        else:
-            part_policy, exploration = policy, (noise_module if mode == 1 else None)
-        data, _ = collect_deployment(
-            part_policy, env, size, exploration=exploration, deployment=0, policy_version=0,
-            frames_per_batch=frames_per_batch, seed=int(seed) + mode,
-        )
-        data.set("behaviour_mode", torch.full((size,), mode, dtype=torch.int64))
-        parts.append(data.exclude("deployment", "policy_version"))
-    keys = set.intersection(*(set(p.keys(True, True)) for p in parts))
-    out = torch.cat([p.select(*keys) for p in parts], 0)
-    if path is not None:
-        save_behaviour_dataset(out, path, metadata={"noise": noise, "seed": int(seed)})
-    return out
-
-
 def save_behaviour_dataset(data: TensorDictBase, path: str | Path, *, metadata: dict | None = None) -> Path:
     """Save ``data`` ``[N]`` as a TorchRL memmap buffer at ``path``, atomically.
 
@@ -285,14 +213,12 @@ def save_behaviour_dataset(data: TensorDictBase, path: str | Path, *, metadata: 
         rb.extend(data.to("cpu"))
         rb.dumps(tmp)
         meta = dict(metadata or {}, num_rows=int(data.shape[0]))
-        with open(tmp / "metadata.json", "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_json_atomic(meta, tmp / "metadata.json")
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_directory(path.parent)
     return path
 
 
@@ -418,9 +344,20 @@ def load_d4rl_hdf5(path: str | Path) -> TensorDict:
                if k in f}
     obs = raw["observations"].float()
     n = obs.shape[0]
+    if n == 0:
+        raise ValueError(f"D4RL file {path} holds no rows ('observations' has shape {list(obs.shape)})")
     for key, value in raw.items():
-        if value.shape[0] != n:
-            raise ValueError(f"D4RL dataset {key!r} has {value.shape[0]} rows, expected {n}")
+        if value.ndim == 0 or value.shape[0] != n:
+            raise ValueError(f"D4RL dataset {key!r} in {path} has shape {list(value.shape)}, expected {n} rows")
+        if value.is_floating_point():
+            bad_rows = ~torch.isfinite(value).reshape(n, -1).all(-1)
+            if bool(bad_rows.any()):
+                count, first = int(bad_rows.sum()), int(bad_rows.nonzero()[0, 0])
+                raise ValueError(
+                    f"D4RL file {path}: dataset {key!r} has non-finite values (NaN/inf) in {count} of {n} rows "
+                    f"(first: row {first}); the file is damaged or was written from a diverged run, and it is "
+                    "not loaded (drop or repair those rows first)"
+                )
     terminated = raw["terminals"].bool().reshape(n, 1)
     truncated = raw.get("timeouts", torch.zeros(n, dtype=torch.bool)).bool().reshape(n, 1)
     if "next_observations" in raw:
@@ -448,7 +385,9 @@ def load_d4rl_hdf5(path: str | Path) -> TensorDict:
         },
         batch_size=[n],
     )
-    return td[keep]
+    td = td[keep]
+    validate_offline_dataset(td)
+    return td
 
 
 def load_minari(dataset_id: str, root: str | Path, *, batch_size: int = 256):

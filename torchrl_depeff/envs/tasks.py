@@ -20,7 +20,7 @@ from torchrl.envs.transforms import Compose, Transform
 
 from torchrl_depeff.envs import rewards as R
 
-__all__ = ["TaskSpec", "TaskReward", "get_task", "make_env", "TASK_NAMES"]
+__all__ = ["TaskSpec", "TaskReward", "check_finite_action", "get_task", "make_env", "TASK_NAMES"]
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,8 +113,15 @@ class TaskReward(Transform):
     The original reward is moved to ``("next", "env_reward")``. The action is the one given to
     the env (gymnasium MuJoCo envs compute their control cost on the unclipped action too).
 
+    A non-finite action (NaN/inf, e.g. from a diverged policy) is refused before the env is
+    stepped with it (MuJoCo would otherwise return NaN observations and rewards): one
+    ``isfinite`` check on the action per step.
+
     Args:
         reward_fn (callable): ``(obs, action, next_obs) -> [*B, 1]``.
+
+    Keyword Args:
+        name (str, optional): task name used in error messages.
 
     Examples:
         >>> from torchrl_depeff.envs.tasks import get_task, make_env
@@ -125,9 +132,16 @@ class TaskReward(Transform):
         True
     """
 
-    def __init__(self, reward_fn: Fn) -> None:
+    def __init__(self, reward_fn: Fn, *, name: str | None = None) -> None:
         super().__init__(in_keys=["observation", "action", "reward"], out_keys=["reward", "env_reward"])
         self.reward_fn = reward_fn
+        self.name = name
+
+    def _inv_call(self, tensordict: TensorDictBase) -> TensorDictBase:
+        action = tensordict.get("action", None)
+        if action is not None:
+            check_finite_action(action, self.name)
+        return super()._inv_call(tensordict)
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         env_reward = next_tensordict.get("reward")
@@ -156,6 +170,37 @@ class TaskReward(Transform):
             reward_spec["reward"] = new
             return reward_spec
         return new
+
+
+def check_finite_action(action: torch.Tensor, task: str | None = None) -> None:
+    """Raise a ``ValueError`` if ``action`` holds NaN/inf (the real env must never be stepped with it).
+
+    Args:
+        action (torch.Tensor): the action about to be stepped.
+        task (str, optional): task name for the message.
+
+    Raises:
+        ValueError: names the task, the number of non-finite entries and the first one.
+
+    Examples:
+        >>> from torchrl_depeff.envs.tasks import check_finite_action
+        >>> check_finite_action(torch.zeros(2, 3))
+        >>> check_finite_action(torch.tensor([[0.0, float("nan")]]), "hopper")
+        Traceback (most recent call last):
+            ...
+        ValueError: task 'hopper': refusing to step the real env with 1 non-finite action value(s) (first: nan at index [0, 1]); the policy produced NaN/inf (check its weights and inputs)
+    """
+    finite = torch.isfinite(action)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()
+    first = bad[0].tolist()
+    where = f"task {task!r}: " if task is not None else ""
+    raise ValueError(
+        f"{where}refusing to step the real env with {bad.shape[0]} non-finite action value(s) "
+        f"(first: {action[tuple(first)].item()} at index {first}); the policy produced NaN/inf "
+        "(check its weights and inputs)"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,4 +253,4 @@ def make_env(
         raise ValueError(
             f"task {name!r} expects observation_dim {task.observation_dim}, env gives shape {list(obs_shape)}"
         )
-    return TransformedEnv(base, Compose(DoubleToFloat(), TaskReward(task.reward_fn)))
+    return TransformedEnv(base, Compose(DoubleToFloat(), TaskReward(task.reward_fn, name=name)))

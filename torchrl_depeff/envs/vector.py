@@ -54,7 +54,7 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import DoubleToFloat, EnvBase, GymWrapper, TransformedEnv
 from torchrl.envs.transforms import Compose
 
-from torchrl_depeff.envs.tasks import TaskReward, _register_robotics, get_task
+from torchrl_depeff.envs.tasks import _register_robotics, check_finite_action, get_task, TaskReward
 
 __all__ = ["make_vector_env", "NativeVectorEnv", "AUTORESET_MODES", "BACKENDS"]
 
@@ -99,6 +99,10 @@ class NativeVectorEnv(EnvBase):
 
     Keyword Args:
         device (torch.device or str, optional): env device. Defaults to ``"cpu"``.
+        name (str, optional): task name used in error messages.
+
+    Raises:
+        ValueError: at :meth:`step`, an action holding NaN/inf (the sub-envs are not stepped).
 
     Examples:
         >>> import gymnasium as gym
@@ -114,7 +118,9 @@ class NativeVectorEnv(EnvBase):
         torch.Size([3, 5, 1])
     """
 
-    def __init__(self, venv: Any, reward_fn: Fn, *, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, venv: Any, reward_fn: Fn, *, device: torch.device | str = "cpu", name: str | None = None
+    ) -> None:
         import gymnasium as gym
 
         n = int(venv.num_envs)
@@ -127,6 +133,7 @@ class NativeVectorEnv(EnvBase):
         self._venv = venv
         self._envs = list(venv.envs)
         self.reward_fn = reward_fn
+        self.name = name
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
         dev = self.device
         self.observation_spec = Composite(
@@ -165,6 +172,8 @@ class NativeVectorEnv(EnvBase):
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = tensordict.get("action")
         act = action.detach().cpu().numpy()
+        if not np.isfinite(act).all():  # never step MuJoCo with NaN/inf (NaN rewards follow)
+            check_finite_action(action, self.name)
         obs, rew, term, trunc = self._obs, self._rew, self._term, self._trunc
         for i, env in enumerate(self._envs):  # the sub-env loop SyncVectorEnv.step runs too
             obs[i], rew[i], term[i], trunc[i], _ = env.step(act[i])
@@ -320,7 +329,7 @@ def make_vector_env(
     factory = _SubEnvFactory(task.gym_id, kwargs)
     if backend == "native":
         venv = gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
-        native = NativeVectorEnv(venv, task.reward_fn, device=device)
+        native = NativeVectorEnv(venv, task.reward_fn, device=device, name=task_name)
         obs_shape = native.observation_spec["observation"].shape
         if obs_shape[-1] != task.observation_dim:
             raise ValueError(
@@ -337,7 +346,7 @@ def make_vector_env(
         raise ValueError(
             f"task {task_name!r} expects observation_dim {task.observation_dim}, env gives shape {list(obs_shape)}"
         )
-    transforms = [DoubleToFloat(), TaskReward(task.reward_fn)]
+    transforms = [DoubleToFloat(), TaskReward(task.reward_fn, name=task_name)]
     if isinstance(base, TransformedEnv):  # "same_step": GymWrapper added a VecGymEnvTransform
         env = base
         for t in transforms:
