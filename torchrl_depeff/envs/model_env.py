@@ -15,6 +15,7 @@ from torchrl.envs.model_based import ModelBasedEnvBase
 from torchrl.envs.transforms import Compose, Transform
 
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
+from torchrl_depeff.envs.rewards import no_termination
 from torchrl_depeff.envs.tasks import get_task
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 
@@ -117,6 +118,17 @@ def _plain_tdmodule(policy: Any) -> bool:
         and not skip_existing()
         and list(getattr(policy, "out_keys_source", policy.out_keys)) == list(policy.out_keys)
         and "_" not in policy.out_keys
+    )
+
+
+class _StepContext:
+    """What a step reads from the env and its ensemble, looked up once (per rollout in the fast
+    loop, per step in ``_step``)."""
+
+    __slots__ = (
+        "batch_size", "numel", "device", "dtype", "generator", "mode", "need_all", "elites",
+        "draw_high", "model", "predictor", "action_dim", "low", "high", "clip", "reward_fn",
+        "termination_fn", "max_steps", "penalties", "pool", "pool_size", "per_trajectory",
     )
 
 
@@ -544,14 +556,43 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         self._generator = gen
         self._pending_reset = None
 
-    def _randint(self, high: int, shape: Sequence[int]) -> torch.Tensor:
-        return torch.randint(high, tuple(shape), generator=self._generator, device=self.device)
+    def _context(self, predictor: Any = None) -> _StepContext:
+        ctx = _StepContext()
+        model = self.world_model
+        ctx.batch_size = self.batch_size
+        ctx.numel = ctx.batch_size.numel()
+        ctx.device = self.device
+        ctx.dtype = self._dtype
+        ctx.generator = self._generator
+        ctx.mode = self.member_selection
+        ctx.need_all = bool(self.uncertainty) or ctx.mode == "mean"
+        ctx.elites = model.elite_indices.to(ctx.device) if self.elites_only else None
+        ctx.draw_high = ctx.elites.numel() if self.elites_only else model.num_members
+        ctx.model = model
+        ctx.predictor = predictor
+        ctx.action_dim = model.action_dim
+        ctx.low, ctx.high = self._action_low, self._action_high
+        ctx.clip = self.action_bounds == "clip"
+        ctx.reward_fn = self.reward_fn
+        # no_termination never terminates: its all-False tensor is dropped (same values)
+        ctx.termination_fn = None if self.termination_fn is no_termination else self.termination_fn
+        ctx.max_steps = self.max_episode_steps
+        ctx.penalties = self.penalties
+        pool = self._start_states
+        ctx.pool = pool if isinstance(pool, torch.Tensor) else None
+        ctx.pool_size = self._pool_size()
+        ctx.per_trajectory = ctx.mode == "per_trajectory"
+        return ctx
 
-    def _draw_members(self, shape: Sequence[int]) -> torch.Tensor:
-        if self.elites_only:
-            elites = self.world_model.elite_indices.to(self.device)
-            return elites[self._randint(elites.numel(), shape)]
-        return self._randint(self.world_model.num_members, shape)
+    def _randint(self, high: int, shape: Sequence[int], ctx: _StepContext | None = None) -> torch.Tensor:
+        if ctx is None:
+            return torch.randint(high, tuple(shape), generator=self._generator, device=self.device)
+        return torch.randint(high, tuple(shape), generator=ctx.generator, device=ctx.device)
+
+    def _draw_members(self, shape: Sequence[int], ctx: _StepContext | None = None) -> torch.Tensor:
+        ctx = self._context() if ctx is None else ctx
+        draw = self._randint(ctx.draw_high, shape, ctx)
+        return draw if ctx.elites is None else ctx.elites[draw]
 
     # ------------------------------------------------------------------ reset
     def _pool_size(self) -> int:
@@ -572,14 +613,13 @@ class EnsembleModelEnv(ModelBasedEnvBase):
             )
         return obs
 
-    def _draw_reset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _draw_reset(self, ctx: _StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # RNG order of a reset: start rows, then the per_trajectory members
-        B = self.batch_size
-        size = self._pool_size()
-        if size == 0:
+        ctx = self._context() if ctx is None else ctx
+        if ctx.pool_size == 0:
             raise ValueError("start_states replay buffer is empty")
-        idx = self._randint(size, (B.numel(),))
-        member = self._draw_members(B) if self.member_selection == "per_trajectory" else None
+        idx = self._randint(ctx.pool_size, (ctx.numel,), ctx)
+        member = self._draw_members(ctx.batch_size, ctx) if ctx.per_trajectory else None
         return idx, member
 
     def _resolve_set_state(
@@ -680,24 +720,27 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         return x.gather(0, index).squeeze(0)
 
     def _predict(
-        self, obs: torch.Tensor, action: torch.Tensor, member: torch.Tensor | None
+        self, ctx: _StepContext, obs: torch.Tensor, action: torch.Tensor, member: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
-        model = self.world_model
+        model = ctx.model
         B = obs.shape[:-1]
-        mode = self.member_selection
-        need_all = bool(self.uncertainty) or mode == "mean"
-        if not need_all:
+        mode = ctx.mode
+        if not ctx.need_all:
             # one member per row without evaluating every member for every row; "per_step"
             # draws a single member for the whole batch (BREMEN eq. 2), so only it is evaluated
             if mode == "per_trajectory":
                 idx = member
             elif mode == "per_step":
-                idx = self._draw_members((1,))
+                idx = self._draw_members((1,), ctx)
                 # a 0-d index: one member for all rows (DynamicsEnsemble); stand-ins get [*B]
-                idx = idx.reshape(()) if self._is_dynamics_ensemble else idx.expand(B)
+                idx = idx.reshape(()) if ctx.predictor is not None else idx.expand(B)
             else:
-                idx = self._draw_members(B)
-            pred = model.predict(obs, action, member_index=idx)
+                idx = self._draw_members(B, ctx)
+            if ctx.predictor is not None:
+                # DynamicsEnsemble.predict(member_index=idx) with its tensors bound once
+                pred = ctx.predictor(obs, action, idx)
+            else:
+                pred = model.predict(obs, action, member_index=idx)
             return pred.loc, pred.scale, pred.reward, {}
         if self._is_dynamics_ensemble:
             # every member on every row: one batched matmul per layer (no loop over members)
@@ -705,30 +748,30 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         else:
             pred = model.predict(obs, action)
         loc, scale, reward = pred.loc, pred.scale, pred.reward
-        if self.elites_only:
-            elites = model.elite_indices.to(self.device)
+        if ctx.elites is not None:
+            elites = ctx.elites
             loc = loc.index_select(0, elites)
             scale = scale.index_select(0, elites) if scale is not None else None
             reward = reward.index_select(0, elites) if reward is not None else None
         unc = self._uncertainties(loc, scale)
         if mode == "mean":
             return loc.mean(0), None, reward.mean(0) if reward is not None else None, unc
-        if self.elites_only:
+        if ctx.elites is not None:
             # positions inside the elite subset
             n_e = loc.shape[0]
             if mode == "per_trajectory":
-                pos = (model.elite_indices.to(self.device) == member.unsqueeze(-1)).long().argmax(-1)
+                pos = (ctx.elites == member.unsqueeze(-1)).long().argmax(-1)
             elif mode == "per_step":
-                pos = self._randint(n_e, (1,)).expand(B)
+                pos = self._randint(n_e, (1,), ctx).expand(B)
             else:
-                pos = self._randint(n_e, B)
+                pos = self._randint(n_e, B, ctx)
         else:
             if mode == "per_trajectory":
                 pos = member
             elif mode == "per_step":
-                pos = self._randint(loc.shape[0], (1,)).expand(B)
+                pos = self._randint(loc.shape[0], (1,), ctx).expand(B)
             else:
-                pos = self._randint(loc.shape[0], B)
+                pos = self._randint(loc.shape[0], B, ctx)
         loc = self._gather(loc, pos)
         scale = self._gather(scale, pos) if scale is not None else None
         reward = self._gather(reward, pos) if reward is not None else None
@@ -736,81 +779,96 @@ class EnsembleModelEnv(ModelBasedEnvBase):
 
     def _transition(
         self,
+        ctx: _StepContext,
         obs: torch.Tensor,
         action: torch.Tensor,
         step_count: torch.Tensor,
         member: torch.Tensor | None,
         prev_term: torch.Tensor | None,
+        count: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One imaginary step on plain tensors (the work of ``_step`` and of the fast rollout).
 
         ``prev_term`` ``[*B, 1]`` freezes terminated rows (``None``: no row is terminated, as
         in every step of a rollout). Also draws the start states of a reset after this step.
-        Returns the ``"next"`` entries.
+        With ``count=False`` the counters (:attr:`num_invalid`,
+        :attr:`num_out_of_bounds_actions`) are left to the caller, which gets the step's
+        invalid-row mask under ``"_invalid"``. Returns the ``"next"`` entries.
         """
         B = obs.shape[:-1]
-        if action.dtype != self._dtype:
-            action = action.to(self._dtype)
-        if self._action_low is not None:
-            clipped = torch.clamp(action, self._action_low, self._action_high)
-            # rows with an action outside the spec (or NaN), counted on device
-            self.num_out_of_bounds_actions.add_((clipped != action).any(-1).sum())
-            if self.action_bounds == "clip":
-                action = clipped
+        if action.shape[-1] != ctx.action_dim:
+            raise ValueError(f"action last dim must be {ctx.action_dim}, got shape {list(action.shape)}")
+        if action.dtype != ctx.dtype:
+            action = action.to(ctx.dtype)
+        if ctx.low is not None:
+            if count:
+                self._count_out_of_bounds(action)
+            if ctx.clip:
+                action = torch.clamp(action, ctx.low, ctx.high)
         with torch.no_grad():
-            loc, scale, pred_reward, unc = self._predict(obs, action, member)
-            if scale is not None and self.member_selection != "mean":
-                noise = torch.randn(loc.shape, generator=self._generator, device=loc.device, dtype=loc.dtype)
+            loc, scale, pred_reward, unc = self._predict(ctx, obs, action, member)
+            if scale is not None and ctx.mode != "mean":
+                noise = torch.randn(loc.shape, generator=ctx.generator, device=loc.device, dtype=loc.dtype)
                 next_obs = loc + scale * noise
             else:
                 next_obs = loc
-            invalid = ~torch.isfinite(next_obs).all(-1, keepdim=True)
+            # a row with a non-finite entry: x * 0 is NaN exactly for +-inf / NaN entries
+            invalid = (next_obs * 0).sum(-1, keepdim=True) != 0
             next_obs = torch.where(invalid, obs, next_obs)
             # BREMEN eq. (2): rewards/termination of the imaginary MDP from (s, a, s')
-            if self.reward_fn is not None:
-                reward = self.reward_fn(obs, action, next_obs)
+            if ctx.reward_fn is not None:
+                reward = ctx.reward_fn(obs, action, next_obs)
             else:
                 reward = pred_reward
             reward = reward.reshape(*B, 1).to(obs.dtype)
-            if self.termination_fn is not None:
-                terminated = self.termination_fn(obs, action, next_obs).reshape(*B, 1).to(torch.bool)
+            if ctx.termination_fn is not None:
+                terminated = ctx.termination_fn(obs, action, next_obs).reshape(*B, 1).to(torch.bool)
                 terminated = terminated | invalid
             else:
                 terminated = invalid
-            self.num_invalid.add_(invalid.sum())
+            if count:
+                self.num_invalid.add_(invalid.sum())
             if prev_term is None:
                 step_count = step_count + 1
-                reward = torch.where(invalid, torch.zeros_like(reward), reward)
+                reward = reward.masked_fill(invalid, 0.0)
             else:
                 # frozen rows: previously terminated rows stay put
                 frozen = prev_term.reshape(*B, 1).to(torch.bool)
                 step_count = step_count + (~frozen).long()
                 next_obs = torch.where(frozen, obs, next_obs)
-                reward = torch.where(frozen | invalid, torch.zeros_like(reward), reward)
+                reward = reward.masked_fill(frozen | invalid, 0.0)
                 terminated = terminated | frozen
-                unc = {k: torch.where(frozen, torch.zeros_like(v), v) for k, v in unc.items()}
-            truncated = step_count >= self.max_episode_steps
+                unc = {k: v.masked_fill(frozen, 0.0) for k, v in unc.items()}
+            truncated = step_count >= ctx.max_steps
             done = terminated | truncated
             out = {"observation": next_obs, _STEP_COUNT_KEY: step_count}
-            if member is not None and self.member_selection == "per_trajectory":
+            if ctx.per_trajectory:
                 out[_MEMBER_KEY] = member
             for key, value in unc.items():
                 out[key] = value.to(obs.dtype)
-            for p in self.penalties:
+            for p in ctx.penalties:
                 u = out[p.uncertainty_key]
                 if isinstance(p, SoftUncertaintyPenalty):
                     reward, out[p.penalty_key] = p.apply(reward, u)
                 else:
                     reward, terminated, done = p.apply(reward, u, terminated, done)
-            out.update(reward=reward, terminated=terminated, truncated=truncated, done=done)
+            out["reward"] = reward
+            out["terminated"] = terminated
+            out["truncated"] = truncated
+            out["done"] = done
             # the start state (and member) of every row were it reset after this step: drawn
             # now, so that an automatic reset inside a rollout costs no host synchronisation
-            idx, new_member = self._draw_reset()
-            start = (
-                self._start_from_indices(idx).reshape(*B, -1) if isinstance(self._start_states, torch.Tensor) else None
-            )
-            self._pending_reset = (start, idx, new_member)
+            idx, new_member = self._draw_reset(ctx)
+            start = ctx.pool.index_select(0, idx).reshape(obs.shape) if ctx.pool is not None else None
+            self.__dict__["_pending_reset"] = (start, idx, new_member)  # (no nn.Module.__setattr__)
+            if not count:
+                out["_invalid"] = invalid
         return out
+
+    def _count_out_of_bounds(self, action: torch.Tensor) -> None:
+        # rows with an action entry outside a bounded action_spec (or NaN), counted on device
+        outside = (action < self._action_low) | (action > self._action_high) | (action != action)
+        self.num_out_of_bounds_actions.add_(outside.any(-1).sum())
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         obs = tensordict.get("observation")
@@ -818,7 +876,10 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         prev_term = tensordict.get("terminated", None)
         if prev_term is None:
             prev_term = torch.zeros(*B, 1, dtype=torch.bool, device=obs.device)
+        with torch.no_grad():  # the kernel the fast loop uses (it runs without gradients)
+            predictor = self.world_model.member_predictor(self.device) if self._is_dynamics_ensemble else None
         out = self._transition(
+            self._context(predictor),
             obs,
             tensordict.get("action"),
             tensordict.get(_STEP_COUNT_KEY),
@@ -972,26 +1033,43 @@ class EnsembleModelEnv(ModelBasedEnvBase):
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         call = self._policy_caller(policy)
         extra = [p for p in penalties if p not in self.penalties]
+        with torch.no_grad():
+            predictor = self.world_model.member_predictor(self.device) if self._is_dynamics_ensemble else None
+        return self._fast_loop(max_steps, call, extra, reset, predictor)
+
+    def _fast_loop(
+        self,
+        max_steps: int,
+        call: Callable[[dict], dict],
+        extra: list[Penalty],
+        reset: Callable[[], TensorDictBase],
+        predictor: Any,
+    ) -> TensorDictBase:
         B = self.batch_size
         td0 = reset()
+        ctx = self._context(predictor)
         # entries that a reset sets to zero: uncertainties and the soft penalties' entries
         zero_keys = self._zero_state_keys() + [p.penalty_key for p in extra if isinstance(p, SoftUncertaintyPenalty)]
         state = {k: td0.get(k) for k in [*self._state_keys(), *zero_keys]}
-        false = torch.zeros(*B, 1, dtype=torch.bool, device=self.device)
         zeros_step = torch.zeros(*B, 1, dtype=torch.int64, device=self.device)
         per_trajectory = self.member_selection == "per_trajectory"
+        false = torch.zeros(*B, 1, dtype=torch.bool, device=self.device)
+        for key in _DONE_KEYS:
+            state[key] = false  # always False at the root of a non-stopping rollout
+        transition, pending = self._transition, self.__dict__
+        where = torch.where
         roots: dict[Any, list[torch.Tensor]] = {}
         nexts: dict[Any, list[torch.Tensor]] = {}
+        invalids: list[torch.Tensor] = []
+        root_lists = next_lists = None
+        member = None
+        last = max_steps - 1
         for t in range(max_steps):
-            root = dict(state)
-            root.update(call(root))
-            nxt = self._transition(
-                root["observation"],
-                root["action"],
-                root[_STEP_COUNT_KEY],
-                root[_MEMBER_KEY] if per_trajectory else None,
-                None,
-            )
+            root = {**state, **call(state)}
+            if per_trajectory:
+                member = root[_MEMBER_KEY]
+            nxt = transition(ctx, root["observation"], root["action"], root[_STEP_COUNT_KEY], member, None, False)
+            invalids.append(nxt.pop("_invalid"))
             for p in extra:
                 u = nxt[p.uncertainty_key]
                 if isinstance(p, SoftUncertaintyPenalty):
@@ -1000,34 +1078,44 @@ class EnsembleModelEnv(ModelBasedEnvBase):
                     nxt["reward"], nxt["terminated"], nxt["done"] = p.apply(
                         nxt["reward"], u, nxt["terminated"], nxt["done"]
                     )
-            for k, v in root.items():
-                roots.setdefault(k, []).append(v)
-            for k, v in nxt.items():
-                nexts.setdefault(k, []).append(v)
-            if t == max_steps - 1:
+            if root_lists is None:  # the keys of the first step (the same at every step)
+                root_lists = [(k, roots.setdefault(k, [])) for k in root if k not in _DONE_KEYS]
+                next_lists = [(k, nexts.setdefault(k, [])) for k in nxt]
+            for k, lst in root_lists:
+                lst.append(root[k])
+            for k, lst in next_lists:
+                lst.append(nxt[k])
+            if t == last:
                 break
             # step_mdp + automatic partial reset of the done rows, without host synchronisation
+            # (TorchRL's loop resets only when a row is done; the values are the same)
             done = nxt["done"]
-            start, _, member = self._pending_reset
+            start, _, new_member = pending["_pending_reset"]
             state = {
-                "observation": torch.where(done, start, nxt["observation"]),
-                _STEP_COUNT_KEY: torch.where(done, zeros_step, nxt[_STEP_COUNT_KEY]),
+                "observation": where(done, start, nxt["observation"]),
+                _STEP_COUNT_KEY: where(done, zeros_step, nxt[_STEP_COUNT_KEY]),
+                "done": false,
+                "terminated": false,
+                "truncated": false,
             }
             if per_trajectory:
-                state[_MEMBER_KEY] = torch.where(done.reshape(B), member, nxt[_MEMBER_KEY])
+                state[_MEMBER_KEY] = where(done.reshape(B), new_member, nxt[_MEMBER_KEY])
             for k in zero_keys:
-                v = nxt[k]
-                state[k] = torch.where(done, torch.zeros_like(v), v)
-            for k in _DONE_KEYS:
-                state[k] = false
-            # a reset consumes the pending draws (the generic loop resets only if a row is done;
-            # the values are the same either way: the next step redraws them)
+                state[k] = nxt[k].masked_fill(done, 0.0)
         dim = len(B)
+        shape = torch.Size([*B, max_steps])
         source = {k: torch.stack(v, dim) for k, v in roots.items()}
-        source["next"] = TensorDict(
-            {k: torch.stack(v, dim) for k, v in nexts.items()}, batch_size=[*B, max_steps], device=self.device
+        for key in _DONE_KEYS:
+            source[key] = torch.zeros(*shape, 1, dtype=torch.bool, device=self.device)
+        # the counters of the generic loop, once per rollout instead of once per step
+        self.num_invalid.add_(torch.stack(invalids).sum())
+        if self._action_low is not None:
+            actions = source["action"]
+            self._count_out_of_bounds(actions.to(self._dtype).movedim(dim, 0))
+        source["next"] = TensorDict._new_unsafe(
+            {k: torch.stack(v, dim) for k, v in nexts.items()}, batch_size=shape, device=self.device
         )
-        out = TensorDict(source, batch_size=[*B, max_steps], device=self.device)
+        out = TensorDict._new_unsafe(source, batch_size=shape, device=self.device)
         out.refine_names(..., "time")
         return out
 

@@ -6,7 +6,7 @@ per-member entries are written member-last in the batch dims, ``[*B, E, d]``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from tensordict import TensorDictBase
@@ -22,6 +22,7 @@ __all__ = [
     "EnsembleMLP",
     "DynamicsEnsemble",
     "EnsemblePrediction",
+    "MemberPredictor",
 ]
 
 _KERNELS = ("auto", "bmm", "loop")
@@ -484,7 +485,8 @@ class DynamicsEnsemble(TensorDictModuleBase):
             )
         self.in_keys = in_keys
         self.out_keys = out_keys
-        self._gmm_cache: dict[int, tuple[int, int, torch.Tensor, torch.Tensor | None]] = {}
+        # grouped_mm's 16-byte aligned weight copies: layer -> (data_ptr, version, copy)
+        self._gmm_cache: dict[int, tuple[int, int, torch.Tensor]] = {}
         self.input_normalizer = Normalizer(observation_dim + action_dim)
         self.target_normalizer = Normalizer(self.target_dim)
         self.network = EnsembleMLP(
@@ -700,19 +702,12 @@ class DynamicsEnsemble(TensorDictModuleBase):
                 f"member_index shape {tuple(member_index.shape)} must equal the batch shape "
                 f"{tuple(batch)} (or be 0-d: one member for every row)"
             )
-        mean, log_var = self.forward_members(
-            self._net_input(observation, action).reshape(-1, self.observation_dim + self.action_dim),
-            member_index.long() if member_index.dim() == 0 else member_index.reshape(-1).long(),
-        )
-        mean = mean.reshape(*batch, self.target_dim)
-        if log_var is not None:
-            log_var = log_var.reshape(*batch, self.target_dim)
-        return self._to_prediction(observation, mean, log_var)
+        return self.member_predictor(observation.device)(observation, action, member_index.long())
 
-    def _resolve_grouped_kernel(self, x: torch.Tensor) -> str:
+    def _resolve_grouped_kernel(self, device: torch.device) -> str:
         grouped = self.grouped_kernel
         if grouped == "auto":
-            if x.device.type != "cpu":
+            if device.type != "cpu":
                 return "gather"
             needs_grad = torch.is_grad_enabled() and self.network.layers[0].weight.requires_grad
             # grouped_mm has no CPU backward: a differentiable call uses the member loop
@@ -743,117 +738,45 @@ class DynamicsEnsemble(TensorDictModuleBase):
             >>> torch.allclose(mean, full[idx, torch.arange(6)], atol=1e-6)
             True
         """
-        kind = self._resolve_grouped_kernel(x)
+        return self.member_predictor(x.device).forward(x, member_index)
+
+    def member_predictor(self, device: torch.device | str | None = None) -> MemberPredictor:
+        """``predict(observation, action, member_index)`` with the ensemble's tensors bound once.
+
+        :meth:`predict` with ``member_index`` builds one per call; a loop calling it many
+        times (a model rollout) builds it once, saving the per-call attribute lookups. The
+        kernel (``grouped_kernel``, resolved for ``device`` and the current grad mode) and the
+        aligned weight copies of ``"grouped_mm"`` are fixed when it is built: build a new one
+        after the parameters change. It performs the same operations as :meth:`predict`, so
+        the results are identical.
+
+        Args:
+            device (torch.device, optional): device of the inputs. Defaults to the parameters'.
+
+        Returns:
+            a :class:`MemberPredictor`.
+
+        Examples:
+            >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+            >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(8,))
+            >>> obs, act, idx = torch.randn(6, 3), torch.randn(6, 2), torch.randint(4, (6,))
+            >>> with torch.no_grad():
+            ...     step = model.member_predictor()
+            ...     torch.equal(step(obs, act, idx).loc, model.predict(obs, act, member_index=idx).loc)
+            True
+        """
+        weight = self.network.layers[0].weight
+        device = weight.device if device is None else torch.device(device)
+        kind = self._resolve_grouped_kernel(device)
         if kind == "grouped_mm":
             if not _HAS_GROUPED_MM:
                 raise RuntimeError("grouped_kernel='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.8)")
-            if torch.is_grad_enabled() and self.network.layers[0].weight.requires_grad:
+            if torch.is_grad_enabled() and weight.requires_grad:
                 raise RuntimeError(
                     "grouped_kernel='grouped_mm' is inference-only (no CPU backward): call it under "
                     "torch.no_grad() or use grouped_kernel='auto' / 'loop' / 'gather'"
                 )
-            return self._grouped_mm(x, member_index)
-        if member_index.dim() == 0:
-            if kind == "gather":
-                return self._single_member(x, member_index)
-            member_index = member_index.expand(x.shape[0])
-        if kind == "gather":
-            return self._gather_members(x, member_index)
-        if kind == "padded":
-            return self._grouped_padded(x, member_index)
-        return self._grouped_loop(x, member_index)
-
-    def _row_logvar(self, raw: torch.Tensor, member_index: torch.Tensor) -> torch.Tensor:
-        # per-row PETS bounds of the row's member; member_index [N] or 0-d
-        if member_index.dim() == 0:
-            sel = member_index.view(1)
-            return self._bound_logvar(
-                raw, self.max_logvar.index_select(0, sel)[0], self.min_logvar.index_select(0, sel)[0]
-            )
-        return self._bound_logvar(raw, self.max_logvar[member_index, 0], self.min_logvar[member_index, 0])
-
-    def _split_rows(
-        self, out: torch.Tensor, member_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.probabilistic:
-            return out, None
-        mean, raw = out.chunk(2, dim=-1)
-        return mean, self._row_logvar(raw, member_index)
-
-    def _gmm_weight(self, position: int, weight: torch.Tensor) -> torch.Tensor:
-        # grouped_mm reads rows at a 16-byte multiple stride: a weight whose out_features is not
-        # a multiple of 16 bytes is copied into padded storage (viewed back at its true shape),
-        # cached until the parameter changes (its version counter moves at every in-place update)
-        align = 16 // weight.element_size()
-        if weight.stride(-1) == 1 and weight.stride(-2) % align == 0:
-            return weight
-        entry = self._gmm_cache.get(position)
-        if entry is not None and entry[0] == weight.data_ptr() and entry[1] == weight._version:
-            return entry[2]
-        width = weight.shape[-1]
-        with torch.no_grad():
-            padded = F.pad(weight.detach(), (0, (-width) % align))[..., :width]
-        self._gmm_cache[position] = (weight.data_ptr(), weight._version, padded, None)
-        return padded
-
-    @staticmethod
-    def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
-        align = 16 // x.element_size()
-        if x.stride(-1) == 1 and x.stride(0) % align == 0:
-            return x
-        width = x.shape[-1]
-        return F.pad(x, (0, (-width) % align))[:, :width]
-
-    def _grouped_mm(
-        self, x: torch.Tensor, member_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # MoE-style grouped GEMM: rows sorted by member, offs[e] = end of member e's rows
-        E, N = self.num_members, x.shape[0]
-        members = torch.arange(E, device=x.device)
-        if member_index.dim() == 0:
-            # every row in one group: offsets 0 before the member, N from it on (no sort)
-            offs = (members >= member_index).to(torch.int32) * N
-            perm = None
-            h = x
-            bias_rows = [layer.bias.index_select(0, member_index.view(1))[0] for layer in self.network.layers]
-        else:
-            sorted_idx, perm = torch.sort(member_index, stable=True)
-            offs = torch.searchsorted(sorted_idx, members, right=True).to(torch.int32)
-            h = x.index_select(0, perm)
-            bias_rows = [layer.bias[sorted_idx, 0] for layer in self.network.layers]
-        net = self.network
-        for i, layer in enumerate(net.layers):
-            if i:
-                h = net.activations[i - 1](h)
-            h = F.grouped_mm(self._aligned_rows(h), self._gmm_weight(i, layer.weight), offs=offs)
-            h = h + bias_rows[i]
-        if perm is not None:
-            # back to the input row order
-            inverse = torch.empty_like(perm)
-            inverse[perm] = torch.arange(N, device=x.device)
-            h = h.index_select(0, inverse)
-        return self._split_rows(h, member_index)
-
-    def _single_member(
-        self, x: torch.Tensor, member: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # one member (0-d index) for all rows: its weight slices are gathered on device
-        sel = member.view(1)
-        net = self.network
-        h = x
-        for i, layer in enumerate(net.layers):
-            if i:
-                h = net.activations[i - 1](h)
-            h = torch.addmm(layer.bias.index_select(0, sel)[0, 0], h, layer.weight.index_select(0, sel)[0])
-        return self._split_rows(h, member)
-
-    def _gather_members(
-        self, x: torch.Tensor, member_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # every member on every row (batched), then each row's member
-        out = self.network(x, member_first=False, kernel="bmm")  # [E, N, d]
-        index = member_index.view(1, -1, 1).expand(1, *out.shape[1:])
-        return self._split_rows(out.gather(0, index)[0], member_index)
+        return MemberPredictor(self, kind, device)
 
     def _grouped_padded(
         self, x: torch.Tensor, idx: torch.Tensor
@@ -891,7 +814,10 @@ class DynamicsEnsemble(TensorDictModuleBase):
             if counts[e] == 0:
                 continue
             out[rows] = self.network.forward_member(x[rows], e)
-        return self._split_rows(out, idx)
+        if not self.probabilistic:
+            return out, None
+        mean, raw = out.chunk(2, dim=-1)
+        return mean, self._bound_logvar(raw, self.max_logvar[idx, 0], self.min_logvar[idx, 0])
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Write ``out_keys``: loc ``[*B, E, obs_dim]`` (+ scale, reward ``[*B, E, 1]``).
@@ -935,3 +861,170 @@ class DynamicsEnsemble(TensorDictModuleBase):
         elites = torch.topk(losses, self.num_elites, largest=False).indices.sort().values
         self.elite_indices.copy_(elites.to(self.elite_indices.device))
         return self.elite_indices
+
+
+def _activation_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The functional form of a standard activation module (same values, no module call)."""
+    kind = type(module)
+    if kind is nn.ReLU:
+        return torch.relu
+    if kind is nn.SiLU:
+        return F.silu
+    if kind is nn.Tanh:
+        return torch.tanh
+    return module
+
+
+def _gmm_weight(ensemble: DynamicsEnsemble, position: int, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with rows at a 16-byte multiple stride, as ``grouped_mm`` reads them.
+
+    A weight whose ``out_features`` is not a multiple of 16 bytes is copied into padded storage
+    (viewed back at its true shape) and cached until the parameter changes (its version counter
+    moves at every in-place update, its data pointer when it is replaced).
+    """
+    align = 16 // weight.element_size()
+    if weight.stride(-1) == 1 and weight.stride(-2) % align == 0:
+        return weight
+    entry = ensemble._gmm_cache.get(position)
+    if entry is not None and entry[0] == weight.data_ptr() and entry[1] == weight._version:
+        return entry[2]
+    width = weight.shape[-1]
+    with torch.no_grad():
+        padded = F.pad(weight.detach(), (0, (-width) % align))[..., :width]
+    ensemble._gmm_cache[position] = (weight.data_ptr(), weight._version, padded)
+    return padded
+
+
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    align = 16 // x.element_size()
+    if x.stride(-1) == 1 and x.stride(0) % align == 0:
+        return x
+    width = x.shape[-1]
+    return F.pad(x, (0, (-width) % align))[:, :width]
+
+
+class MemberPredictor:
+    """Per-row member evaluation of a :class:`DynamicsEnsemble` (see
+    :meth:`DynamicsEnsemble.member_predictor`); ``__call__`` has the signature of
+    ``predict(observation, action, member_index)``.
+
+    Kernels: a 0-d ``member_index`` runs one ``addmm`` per layer on the member's weight
+    slices (a view on CPU, read with ``torch.narrow`` from host memory; an ``index_select``
+    copy elsewhere, so the index never travels to the host); ``"grouped_mm"`` sorts the rows by
+    member and runs one :func:`torch.nn.functional.grouped_mm` per layer; ``"gather"``
+    evaluates every member on every row (one ``baddbmm`` per layer) and gathers; ``"padded"`` /
+    ``"loop"`` use :class:`DynamicsEnsemble`'s packed block / member loop.
+
+    Args:
+        ensemble (DynamicsEnsemble): the ensemble.
+        kind (str): resolved kernel, ``"grouped_mm"``, ``"gather"``, ``"padded"`` or ``"loop"``.
+        device (torch.device): device of the inputs.
+
+    Examples:
+        >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble, MemberPredictor
+        >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(8,), probabilistic=True)
+        >>> with torch.no_grad():
+        ...     pred = MemberPredictor(model, "grouped_mm", torch.device("cpu"))(
+        ...         torch.randn(5, 3), torch.randn(5, 2), torch.tensor(1))
+        >>> pred.loc.shape, pred.scale.shape
+        (torch.Size([5, 3]), torch.Size([5, 3]))
+    """
+
+    __slots__ = (
+        "ensemble", "kind", "weights", "biases", "aligned", "acts", "in_loc", "in_scale", "t_loc",
+        "t_scale", "obs_dim", "probabilistic", "predict_reward", "max_logvar", "min_logvar", "members",
+        "on_cpu", "inplace",
+    )
+
+    def __init__(self, ensemble: DynamicsEnsemble, kind: str, device: torch.device) -> None:
+        net = ensemble.network
+        self.ensemble = ensemble
+        self.kind = kind
+        self.weights = [layer.weight for layer in net.layers]
+        self.biases = [layer.bias[:, 0] for layer in net.layers]  # [E, out]
+        self.aligned = (
+            [_gmm_weight(ensemble, i, w) for i, w in enumerate(self.weights)] if kind == "grouped_mm" else None
+        )
+        self.acts = [_activation_fn(a) for a in net.activations]
+        self.in_loc, self.in_scale = ensemble.input_normalizer.loc, ensemble.input_normalizer.scale
+        self.t_loc, self.t_scale = ensemble.target_normalizer.loc, ensemble.target_normalizer.scale
+        self.obs_dim = ensemble.observation_dim
+        self.probabilistic = ensemble.probabilistic
+        self.predict_reward = ensemble.predict_reward
+        self.max_logvar = ensemble.max_logvar[:, 0] if ensemble.probabilistic else None  # [E, d]
+        self.min_logvar = ensemble.min_logvar[:, 0] if ensemble.probabilistic else None
+        self.members = torch.arange(ensemble.num_members, device=device)
+        self.on_cpu = torch.device(device).type == "cpu"
+        self.inplace = not torch.is_grad_enabled()
+
+    def _slice(self, t: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+        # t[member] for a 0-d index without a device synchronisation
+        if self.on_cpu:
+            return torch.narrow(t, 0, member, 1)[0]
+        return t.index_select(0, member.view(1))[0]
+
+    def _split(self, h: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.probabilistic:
+            return h, None
+        mean, raw = h.chunk(2, dim=-1)
+        if member.dim() == 0:
+            hi, lo = self._slice(self.max_logvar, member), self._slice(self.min_logvar, member)
+        else:
+            hi, lo = self.max_logvar.index_select(0, member), self.min_logvar.index_select(0, member)
+        return mean, self.ensemble._bound_logvar(raw, hi, lo)
+
+    def _act(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        act = self.acts[i]
+        if self.inplace and act is torch.relu:
+            return h.relu_()
+        return act(h)
+
+    def forward(self, x: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised mean and log-variance ``[N, d_out]`` of rows ``x`` ``[N, in]``."""
+        if member.dim() == 0 and self.kind in ("grouped_mm", "gather"):
+            h = x
+            for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                if i:
+                    h = self._act(i - 1, h)
+                h = torch.addmm(self._slice(b, member), h, self._slice(w, member))
+            return self._split(h, member)
+        if member.dim() == 0:
+            member = member.expand(x.shape[0])
+        if self.kind == "grouped_mm":
+            # MoE-style grouped GEMM: rows sorted by member, offs[e] = end of member e's rows
+            sorted_idx, perm = torch.sort(member, stable=True)
+            offs = torch.searchsorted(sorted_idx, self.members, right=True).to(torch.int32)
+            h = x.index_select(0, perm)
+            for i, (w, b) in enumerate(zip(self.aligned, self.biases)):
+                if i:
+                    h = self._act(i - 1, h)
+                h = F.grouped_mm(_aligned_rows(h), w, offs=offs)
+                h = h.add_(b.index_select(0, sorted_idx)) if self.inplace else h + b.index_select(0, sorted_idx)
+            # back to the input row order
+            h = torch.empty_like(h).index_copy_(0, perm, h)
+            return self._split(h, member)
+        if self.kind == "gather":
+            out = self.ensemble.network(x, member_first=False, kernel="bmm")  # [E, N, d]
+            return self._split(out.gather(0, member.view(1, -1, 1).expand(1, *out.shape[1:]))[0], member)
+        if self.kind == "padded":
+            return self.ensemble._grouped_padded(x, member)
+        return self.ensemble._grouped_loop(x, member)
+
+    def __call__(self, observation: torch.Tensor, action: torch.Tensor, member_index: torch.Tensor) -> EnsemblePrediction:
+        """``predict(observation, action, member_index=member_index)`` (no input checks)."""
+        batch = observation.shape[:-1]
+        x = (torch.cat([observation, action], dim=-1) - self.in_loc) / self.in_scale  # input normaliser
+        x = x.reshape(-1, x.shape[-1])
+        mean, log_var = self.forward(x, member_index if member_index.dim() == 0 else member_index.reshape(-1))
+        if len(batch) != 1:
+            mean = mean.reshape(*batch, mean.shape[-1])
+            log_var = log_var.reshape(*batch, log_var.shape[-1]) if log_var is not None else None
+        # DynamicsEnsemble._to_prediction with the bound tensors
+        target = mean * self.t_scale + self.t_loc
+        d = self.obs_dim
+        loc = observation + target[..., :d]
+        reward = target[..., d:] if self.predict_reward else None
+        scale = None
+        if log_var is not None:
+            scale = (torch.exp(0.5 * log_var) * self.t_scale)[..., :d]
+        return EnsemblePrediction(loc, scale, reward)
