@@ -152,8 +152,10 @@ class TestFastEqualsGeneric:
             assert halt.any()
             assert (ro_fused["next", "reward"][halt] == -5.0).all() and ro_fused["next", "terminated"][halt].all()
 
-    def test_fast_path_is_taken_and_no_host_sync(self, monkeypatch):
-        env = _env(_model(), member_selection="per_sample", uncertainty=("disagreement",))
+    @pytest.mark.parametrize("mode,uncertainty", [("per_step", ()), ("per_sample", ()),
+                                                  ("per_trajectory", ()), ("per_sample", ("disagreement",))])
+    def test_fast_path_is_taken_and_no_host_sync(self, monkeypatch, mode, uncertainty):
+        env = _env(_model(), member_selection=mode, uncertainty=uncertainty)
         steps = []
         original = EnsembleModelEnv._step
         monkeypatch.setattr(EnsembleModelEnv, "_step", lambda self, td: steps.append(1) or original(self, td))

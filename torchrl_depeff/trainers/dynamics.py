@@ -1,6 +1,7 @@
 """Fit routine of the dynamics ensemble: holdout split, per-member early stopping, elites."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,17 @@ class EnsembleTrainer:
     ) -> None:
         if not isinstance(ensemble, DynamicsEnsemble):
             raise TypeError(f"ensemble must be a DynamicsEnsemble, got {type(ensemble).__name__}")
+        for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience),
+                            ("max_holdout", max_holdout), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("holdout_ratio", holdout_ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite float, got {value!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= holdout_ratio < 1.0:
