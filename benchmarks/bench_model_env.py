@@ -19,6 +19,12 @@ Three timings per configuration, interleaved round-robin in one process, best of
   ``[rows, in] x [in, out]`` for each layer of one member (every member for the all-member
   modes): the rate this machine's GEMM throughput allows for that arithmetic.
 
+* ``floor``: the tensor operations a step of the env needs beyond the bare arithmetic, timed
+  alone at the same shapes (non-finite row check, keeping the previous observation there,
+  zeroing their reward, step count, truncation, done, drawing the start state a reset would use,
+  and the automatic reset of done rows): ``env_over_bare_bound = bare / (bare + floor)`` is what
+  the env could reach if its Python cost were zero.
+
 Each JSON line has transitions/s of the three, ``env_over_bare`` (target >= 0.9) and
 ``bare_over_gemm`` (target >= 0.5), and the GEMM GFLOP/s at those shapes.
 """
@@ -139,6 +145,23 @@ def _gemm_chain(sizes: list[int], rows: int, members: int) -> tuple[Callable[[],
     return chain, flops
 
 
+def _bookkeeping_floor(rows: int, pool: torch.Tensor) -> Callable[[], None]:
+    obs, nxt, reward = torch.randn(rows, OBS), torch.randn(rows, OBS), torch.randn(rows, 1)
+    step_count = torch.zeros(rows, 1, dtype=torch.long)
+    zeros = torch.zeros_like(step_count)
+
+    def floor() -> None:
+        invalid = (nxt * 0).sum(-1, keepdim=True) != 0
+        n = torch.where(invalid, obs, nxt)
+        reward.masked_fill(invalid, 0.0)
+        sc = step_count + 1
+        done = invalid | (sc >= 1000)
+        start = pool.index_select(0, torch.randint(pool.shape[0], (rows,)))
+        torch.where(done, start, n)
+        torch.where(done, zeros, sc)
+    return floor
+
+
 def _config(size: str, mode: str, unc: tuple[str, ...], args, policy_kind: str, probabilistic: bool) -> dict:
     torch.manual_seed(0)
     cells = SIZES[size]
@@ -179,7 +202,13 @@ def _config(size: str, mode: str, unc: tuple[str, ...], args, policy_kind: str, 
         for _ in range(args.steps):
             gemm()
 
-    best = _time_group({"env": run_env, "bare": run_bare, "gemm": run_gemm}, args.rounds)
+    floor = _bookkeeping_floor(args.rows, start)
+
+    def run_floor() -> None:
+        for _ in range(args.steps):
+            floor()
+
+    best = _time_group({"env": run_env, "bare": run_bare, "gemm": run_gemm, "floor": run_floor}, args.rounds)
     n = args.rows * args.steps
     return {
         "figure": "model_env_rollout",
@@ -197,6 +226,8 @@ def _config(size: str, mode: str, unc: tuple[str, ...], args, policy_kind: str, 
         "env_over_bare": round(best["bare"] / best["env"], 3),
         "bare_over_gemm": round(best["gemm"] / best["bare"], 3),
         "env_over_gemm": round(best["gemm"] / best["env"], 3),
+        "floor_us_per_step": round(best["floor"] / args.steps * 1e6, 1),
+        "env_over_bare_bound": round(best["bare"] / (best["bare"] + best["floor"]), 3),
     }
 
 

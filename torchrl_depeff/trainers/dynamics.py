@@ -43,17 +43,25 @@ class EnsembleTrainer:
 
     Procedure of one :meth:`fit` call (BREMEN Alg. 1 line 4 / App. F.1, MUSBO App. F, MBPO):
 
-    1. flatten the data to ``[N]``; raise ``ValueError`` naming the key and count of NaN/inf;
+    1. flatten the data to ``[N]`` (cast to the ensemble's dtype, e.g. float64 gym data to
+       float32); raise ``ValueError`` for empty data and naming the key and count of NaN/inf;
     2. holdout split by a permutation seeded with ``seed`` (the same data gives the same split),
        ``min(int(holdout_ratio * N), max_holdout)`` rows held out (85/15 by default, MUSBO
        App. F). With ``holdout_ratio=0`` the training set is used for early stopping;
     3. refit both normalisers on ALL the data (train + holdout);
     4. epochs of Adam steps in which every member sees its own independently shuffled
        permutation of the training set, in ``[E, batch_size]`` minibatches (one batched step
-       for all members, :class:`EnsembleDynamicsLoss` with per-member batches);
-    5. after each epoch, the per-member holdout loss. The holdout score is the per-member mean
-       squared error in normalised target space for both deterministic and probabilistic
-       ensembles (as MBPO does: it does not reward a member for inflating its variance);
+       for all members, the arithmetic of :class:`EnsembleDynamicsLoss` with per-member
+       batches). Inputs and targets are normalised once per fit and each chunk of minibatches
+       is gathered at once into contiguous ``[E, batch_size, d]`` blocks, so a step is the
+       network, the loss, the backward and a fused Adam update (no tensordict, no
+       normaliser; the same numbers as running ``EnsembleDynamicsLoss`` on tensordict
+       minibatches, tested);
+    5. after each epoch, the per-member holdout loss, every member on every holdout row in one
+       batched matmul per layer (row chunks, no loop over members). The holdout score is the
+       per-member mean squared error in normalised target space for both deterministic and
+       probabilistic ensembles (as MBPO does: it does not reward a member for inflating its
+       variance);
     6. per-member early stopping: a member improves when its holdout loss drops by more than
        1% relative to its best so far (MBPO's threshold ``(best - cur) / |best| > 0.01``); its
        parameters are then snapshotted. Training stops once every member has gone ``patience``
