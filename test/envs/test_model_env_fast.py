@@ -197,3 +197,27 @@ class TestFastEqualsGeneric:
         assert not env._fast_rollout_ok(reads_action, None, {"break_when_any_done": False})
         # the generic loop still works for all of them
         assert env.rollout(3, policy)["next", "observation"].shape[1] <= 3
+
+    @pytest.mark.parametrize("algo", ["bremen_mopo", "bremen_morel", "mb2po"])
+    def test_algorithm_setups_through_model_rollout(self, algo):
+        from torchrl_depeff.modules.mixture import make_gmm_actor
+
+        if algo == "mb2po":
+            model = _model(probabilistic=True, predict_reward=True, num_elites=3)
+            model.set_elites(torch.tensor([0.2, 0.1, 0.9, 0.3]))
+            kw = dict(member_selection="per_sample", uncertainty=("std_norm",), elites_only=True, reward_fn=None)
+            transform = SoftUncertaintyPenalty(1.0, "model_std_norm")
+            torch.manual_seed(2)
+            policy = make_gmm_actor(OBS, ACT, num_cells=(8,), num_components=3)
+        else:
+            model = _model(probabilistic=False)
+            unc = "ensemble_std" if algo == "bremen_mopo" else "disagreement"
+            kw = dict(member_selection="per_step", uncertainty=(unc,))
+            transform = (SoftUncertaintyPenalty(0.1, "model_ensemble_std") if algo == "bremen_mopo"
+                         else HardUncertaintyPenalty(0.2, -5.0))
+            policy = make_gaussian_actor(OBS, ACT, num_cells=(8,), sigma=0.3)
+
+        def make():
+            return TransformedEnv(_env(model, **kw), transform.clone())
+
+        _rollouts(make, policy, runner=lambda e, n: model_rollout(e, n, policy, break_when_any_done=False))

@@ -730,12 +730,16 @@ class EnsembleModelEnv(ModelBasedEnvBase):
             # draws a single member for the whole batch (BREMEN eq. 2), so only it is evaluated
             if mode == "per_trajectory":
                 idx = member
-            elif mode == "per_step":
-                idx = self._draw_members((1,), ctx)
-                # a 0-d index: one member for all rows (DynamicsEnsemble); stand-ins get [*B]
-                idx = idx.reshape(()) if ctx.predictor is not None else idx.expand(B)
             else:
-                idx = self._draw_members(B, ctx)
+                # per_step: one member for all rows, a 0-d index for a DynamicsEnsemble (stand-ins
+                # get it expanded to [*B]); per_sample: one per row
+                idx = torch.randint(
+                    ctx.draw_high, (1,) if mode == "per_step" else B, generator=ctx.generator, device=ctx.device
+                )
+                if ctx.elites is not None:
+                    idx = ctx.elites[idx]
+                if mode == "per_step":
+                    idx = idx.reshape(()) if ctx.predictor is not None else idx.expand(B)
             if ctx.predictor is not None:
                 # DynamicsEnsemble.predict(member_index=idx) with its tensors bound once
                 pred = ctx.predictor(obs, action, idx)

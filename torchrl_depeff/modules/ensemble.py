@@ -983,10 +983,18 @@ class MemberPredictor:
         """Normalised mean and log-variance ``[N, d_out]`` of rows ``x`` ``[N, in]``."""
         if member.dim() == 0 and self.kind in ("grouped_mm", "gather"):
             h = x
-            for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-                if i:
-                    h = self._act(i - 1, h)
-                h = torch.addmm(self._slice(b, member), h, self._slice(w, member))
+            if self.on_cpu:
+                narrow = torch.narrow
+                for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                    if i:
+                        h = self._act(i - 1, h)
+                    h = torch.addmm(narrow(b, 0, member, 1)[0], h, narrow(w, 0, member, 1)[0])
+            else:
+                sel = member.view(1)
+                for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                    if i:
+                        h = self._act(i - 1, h)
+                    h = torch.addmm(b.index_select(0, sel)[0], h, w.index_select(0, sel)[0])
             return self._split(h, member)
         if member.dim() == 0:
             member = member.expand(x.shape[0])
