@@ -129,8 +129,8 @@ class EnsembleTrainer:
         for name, value in (("lr", lr), ("weight_decay", weight_decay), ("holdout_ratio", holdout_ratio)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite float, got {value!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if batch_size < 1:
