@@ -128,7 +128,7 @@ class _StepContext:
     __slots__ = (
         "batch_size", "numel", "device", "dtype", "generator", "mode", "need_all", "elites",
         "draw_high", "model", "predictor", "action_dim", "low", "high", "clip", "reward_fn",
-        "termination_fn", "max_steps", "penalties", "pool", "pool_size", "per_trajectory",
+        "termination_fn", "max_steps", "penalties", "pool", "pool_size", "per_trajectory", "own_predict",
     )
 
 
@@ -569,7 +569,9 @@ class EnsembleModelEnv(ModelBasedEnvBase):
         ctx.elites = model.elite_indices.to(ctx.device) if self.elites_only else None
         ctx.draw_high = ctx.elites.numel() if self.elites_only else model.num_members
         ctx.model = model
-        ctx.predictor = predictor
+        # DynamicsEnsemble's own predict (not one replaced on the instance, e.g. by a test)
+        ctx.own_predict = self._is_dynamics_ensemble and "predict" not in model.__dict__
+        ctx.predictor = predictor if ctx.own_predict else None
         ctx.action_dim = model.action_dim
         ctx.low, ctx.high = self._action_low, self._action_high
         ctx.clip = self.action_bounds == "clip"
@@ -746,7 +748,7 @@ class EnsembleModelEnv(ModelBasedEnvBase):
             else:
                 pred = model.predict(obs, action, member_index=idx)
             return pred.loc, pred.scale, pred.reward, {}
-        if self._is_dynamics_ensemble:
+        if ctx.own_predict:
             # every member on every row: one batched matmul per layer (no loop over members)
             pred = model.predict(obs, action, kernel="bmm")
         else:
