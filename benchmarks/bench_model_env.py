@@ -25,6 +25,10 @@ Three timings per configuration, interleaved round-robin in one process, best of
   and the automatic reset of done rows): ``env_over_bare_bound = bare / (bare + floor)`` is what
   the env could reach if its Python cost were zero.
 
+With ``--compile`` one more figure, ``compile_bookkeeping``: that step bookkeeping as one
+function, eager vs ``torch.compile`` (time per call, compile seconds, and whether the compiled
+function returns the same values on a batch with a non-finite row).
+
 Each JSON line has transitions/s of the three, ``env_over_bare`` (target >= 0.9) and
 ``bare_over_gemm`` (target >= 0.5), and the GEMM GFLOP/s at those shapes.
 """
@@ -231,6 +235,37 @@ def _config(size: str, mode: str, unc: tuple[str, ...], args, policy_kind: str, 
     }
 
 
+def _bookkeeping(obs, next_obs, reward, step_count, start, max_steps: int):
+    invalid = (next_obs * 0).sum(-1, keepdim=True) != 0
+    next_obs = torch.where(invalid, obs, next_obs)
+    reward = reward.masked_fill(invalid, 0.0)
+    step_count = step_count + 1
+    done = invalid | (step_count >= max_steps)
+    return (next_obs, reward, done, step_count, torch.where(done, start, next_obs),
+            torch.where(done, torch.zeros_like(step_count), step_count))
+
+
+def bench_compile(rows: int) -> dict:
+    obs, nxt, reward = torch.randn(rows, OBS), torch.randn(rows, OBS), torch.randn(rows, 1)
+    nxt[3, 2] = float("nan")
+    sc, start = torch.randint(0, 999, (rows, 1)), torch.randn(rows, OBS)
+    t0 = time.perf_counter()
+    compiled = torch.compile(_bookkeeping, dynamic=False)
+    with torch.no_grad():
+        out_c = compiled(obs, nxt, reward, sc, start, 1000)
+        compile_s = time.perf_counter() - t0
+        out_e = _bookkeeping(obs, nxt, reward, sc, start, 1000)
+        same = all(torch.equal(a, b) for a, b in zip(out_c, out_e))
+
+        def many(fn):
+            return lambda: [fn(obs, nxt, reward, sc, start, 1000) for _ in range(200)]
+
+        best = _time_group({"eager": many(_bookkeeping), "compiled": many(compiled)}, 7)
+    return {"figure": "compile_bookkeeping", "rows": rows, "eager_us": round(best["eager"] / 200 * 1e6, 1),
+            "compiled_us": round(best["compiled"] / 200 * 1e6, 1), "compile_s": round(compile_s, 1),
+            "same_values": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (few rounds, few steps)")
@@ -239,6 +274,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--only", default="quick,bremen", help="ensemble sizes: quick,bremen")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the bookkeeping")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -253,9 +289,11 @@ def main() -> None:
         ("per_sample", (), "linear", True),
         ("per_sample", (), "gaussian_actor", False),
     ]
-    for size in args.only.split(","):
+    for size in [s for s in args.only.split(",") if s]:
         for mode, unc, policy_kind, probabilistic in configs:
             print(json.dumps(_config(size, mode, unc, args, policy_kind, probabilistic)), flush=True)
+    if args.compile:
+        print(json.dumps(bench_compile(args.rows)), flush=True)
 
 
 if __name__ == "__main__":
