@@ -9,8 +9,14 @@ Figures:
     (5 x [23 -> 1024 -> 1024 -> 17] ReLU, 1000 rows per member) and MB2PO size
     (5 x [23 -> 4 x 200 -> 36] swish, 256 rows per member) for our EnsembleMLP
     (bmm / loop / auto), a Python loop over 5 nn.Sequential, and torch.vmap over stacked params.
-  * ``grouped_predict``: ``DynamicsEnsemble.predict(member_index=...)`` padded vs loop vs
-    computing every member then gathering.
+  * ``grouped_predict``: ``DynamicsEnsemble.predict(member_index=...)`` grouped_mm vs padded vs
+    loop vs computing every member then gathering.
+  * ``trainer_step``: ``EnsembleTrainer``'s epoch (shuffle, minibatch gather, forward, loss,
+    backward, fused Adam) per step, at the quick (5 x [23 -> 2 x 200 -> 17]), MB2PO
+    (5 x [23 -> 4 x 200 swish -> 36], Gaussian NLL) and BREMEN (5 x [23 -> 2 x 1024 -> 17])
+    sizes, batch 256 per member, against the implementation before issue 15 (tensordict
+    minibatches through ``EnsembleDynamicsLoss``), the big-GEMM rate and the time of the step's
+    matrix products alone at their own shapes (forward, weight and input gradients).
 Each figure is one function ``bench_<name>(args) -> list[dict]`` so more can be added.
 """
 from __future__ import annotations
@@ -25,7 +31,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from tensordict import TensorDict
+
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble, EnsembleMLP
+from torchrl_depeff.trainers.dynamics import EnsembleTrainer
 
 E = 5
 SIZES = {
@@ -210,7 +219,7 @@ def bench_train_step(args: argparse.Namespace, gemm_gflops: float) -> list[dict]
 
 
 def bench_grouped_predict(args: argparse.Namespace) -> list[dict]:
-    """predict(member_index=...) at BREMEN size, 10k rows: padded vs loop vs full+gather."""
+    """predict(member_index=...) at BREMEN size, 10k rows: kernels vs full+gather."""
     torch.manual_seed(0)
     n = 10_000 if not args.quick else 2_000
     model = DynamicsEnsemble(17, 6, num_members=E, num_cells=(1024, 1024))
@@ -229,11 +238,92 @@ def bench_grouped_predict(args: argparse.Namespace) -> list[dict]:
 
     records = []
     with torch.no_grad():
-        fns = {"padded": grouped("padded"), "loop": grouped("loop"), "full_gather": full_gather}
+        fns = {"grouped_mm": grouped("grouped_mm"), "padded": grouped("padded"), "loop": grouped("loop"),
+               "full_gather": full_gather}
         for name, sec in _time_group(fns, args.min_time).items():
             records.append(_emit({"figure": "grouped_predict", "impl": name, "rows": n,
                                   "ms": round(sec * 1e3, 3)}))
     model.grouped_kernel = "auto"
+    return records
+
+
+TRAINER_SIZES = {
+    # name: (hidden, activation, probabilistic + reward head)
+    "quick": ((200, 200), nn.ReLU, False),
+    "mb2po": ((200, 200, 200, 200), nn.SiLU, True),
+    "bremen": ((1024, 1024), nn.ReLU, False),
+}
+
+
+def _reference_epoch(trainer: EnsembleTrainer, train: TensorDict) -> None:
+    """EnsembleTrainer._train_epoch before issue 15: tensordict minibatches through the loss."""
+    n = train.shape[0]
+    perms = torch.rand(E, n, generator=trainer._generator).argsort(dim=1)
+    for start in range(0, n, trainer.batch_size):
+        out = trainer.loss_module(train[perms[:, start : start + trainer.batch_size]])
+        trainer.optimizer.zero_grad(set_to_none=True)
+        out["loss_dynamics"].backward()
+        trainer.optimizer.step()
+
+
+def _gemm_bound(sizes: list[int], b: int) -> Callable[[], None]:
+    """The matrix products of one train step alone: forward, weight gradient, input gradient
+    (not for the first layer, whose input needs no gradient), as batched matmuls."""
+    ops = []
+    for i, (a, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        x, w, g = torch.randn(E, b, a), torch.randn(E, a, o), torch.randn(E, b, o)
+        ops.append((torch.bmm, x, w))
+        ops.append((torch.bmm, x.transpose(1, 2), g))
+        if i:
+            ops.append((torch.bmm, g, w.transpose(1, 2)))
+
+    def run() -> None:
+        for fn, p, q in ops:
+            fn(p, q)
+    return run
+
+
+def bench_trainer_step(args: argparse.Namespace, gemm_gflops: float) -> list[dict]:
+    """EnsembleTrainer epoch time per step, new vs previous implementation vs GEMM bounds."""
+    records = []
+    b, steps = 256, (8 if args.quick else 40)
+    n = b * steps
+    a, big = torch.randn(1000, 1024), torch.randn(1024, 1024)
+    for size, (hidden, act, prob) in TRAINER_SIZES.items():
+        torch.manual_seed(0)
+        obs, action = torch.randn(n, 17), torch.randn(n, 6)
+        data = TensorDict({"observation": obs, "action": action, ("next", "observation"): obs + 0.1 * torch.randn(n, 17),
+                           ("next", "reward"): torch.randn(n, 1)}, [n])
+        trainers = {}
+        for name in ("new", "previous"):
+            torch.manual_seed(0)
+            model = DynamicsEnsemble(17, 6, num_members=E, num_cells=hidden, activation=act, probabilistic=prob,
+                                     predict_reward=prob)
+            trainer = EnsembleTrainer(model, batch_size=b, max_epochs=1)
+            prepared = trainer._prepare(data)
+            model.fit_normalizers(obs, action, data["next", "observation"], data["next", "reward"] if prob else None)
+            trainers[name] = (trainer, prepared, trainer._normalized(prepared))
+        sizes = [23, *hidden, trainers["new"][0].ensemble.network.out_features]
+        fns = {
+            "gemm": lambda: a @ big,
+            "shape_gemm_bound": (lambda run=_gemm_bound(sizes, b): [run() for _ in range(steps)]),
+            "new": (lambda t=trainers["new"]: t[0]._train_epoch(t[2])),
+            "previous": (lambda t=trainers["previous"]: _reference_epoch(t[0], t[1])),
+        }
+        secs = _time_group(fns, args.min_time, warmup=2, rounds=5)
+        big_gflops = max(gemm_gflops, 2 * 1000 * 1024 * 1024 / secs.pop("gemm") / 1e9)
+        flops = 3 * E * _mlp_flops(sizes[0], tuple(hidden), sizes[-1], b)  # fwd + bwd (2x fwd), per step
+        bound = secs.pop("shape_gemm_bound") / steps
+        rec = {"figure": "trainer_step", "size": size, "batch_per_member": b, "gemm_gflops": round(big_gflops, 2),
+               "shape_gemm_bound_ms": round(bound * 1e3, 3),
+               "shape_gemm_bound_frac_gemm": round(flops / bound / 1e9 / big_gflops, 3)}
+        for name, sec in secs.items():
+            per_step = sec / steps
+            rec[f"{name}_ms_per_step"] = round(per_step * 1e3, 3)
+            rec[f"{name}_frac_gemm"] = round(flops / per_step / 1e9 / big_gflops, 3)
+        rec["new_over_previous_speed"] = round(secs["previous"] / secs["new"], 3)
+        rec["new_frac_of_shape_bound"] = round(bound * steps / secs["new"], 3)
+        records.append(_emit(rec))
     return records
 
 
@@ -256,6 +346,8 @@ def main() -> None:
         bench_train_step(args, gemm)
     if only is None or "grouped_predict" in only:
         bench_grouped_predict(args)
+    if only is None or "trainer_step" in only:
+        bench_trainer_step(args, gemm)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,36 @@
-"""EnsembleModelEnv rollout throughput vs a bare Python loop over ``ensemble.predict``.
+"""EnsembleModelEnv rollout throughput vs a bare stacked-weight loop vs the GEMM rate (issue 15).
 
-Run: ``python benchmarks/bench_model_env.py`` (``--quick`` for a smoke run).
+Run from the repository root: ``python -m benchmarks.bench_model_env`` (``--quick`` for a
+smoke run; ``--rows``, ``--steps``, ``--threads``, ``--rounds``, ``--only quick,bremen``).
 
-Both sides do the same work per step: a linear-tanh policy, one ensemble prediction with the
-same member selection (``per_step``: only the member drawn
-for the whole batch is evaluated; ``per_sample``:
-``predict(member_index=...)``; ``mean``: every member averaged; ``per_sample+disagreement``:
-every member, gather, and the pairwise-disagreement uncertainty), Gaussian noise for a
-probabilistic ensemble, HalfCheetah reward and no termination. Timing is interleaved and
-best-of-rounds (the machine is shared). One JSON line per configuration, with
-``ratio = env transitions/s / bare-loop transitions/s`` (target >= 0.8).
+Three timings per configuration, interleaved round-robin in one process, best of rounds:
+
+* ``env``: ``EnsembleModelEnv.rollout(steps, policy, break_when_any_done=False)`` (the fast
+  tensor loop; its output equals TorchRL's generic loop, see ``test/envs/test_model_env_fast.py``),
+  HalfCheetah dims (obs 17, act 6), HalfCheetah reward, ``no_termination``;
+* ``bare``: a hand-written loop over the same steps doing only the arithmetic: the policy,
+  the input normaliser, the stacked-weight ensemble forward with the same member selection
+  (``per_step``: the drawn member's weight slices, one ``addmm`` per layer; ``per_sample``:
+  rows sorted by member, one ``grouped_mm`` per layer over the stacked ``[E, in, out]``
+  weights; ``per_sample+disagreement`` / ``mean``: every member, one ``baddbmm`` per layer),
+  the target denormaliser, noise for probabilistic members, the reward. No validity check,
+  counters, reset draws or output recording;
+* ``gemm``: the matrix products alone at the same shapes, ``addmm`` of
+  ``[rows, in] x [in, out]`` for each layer of one member (every member for the all-member
+  modes): the rate this machine's GEMM throughput allows for that arithmetic.
+
+* ``floor``: the tensor operations a step of the env needs beyond the bare arithmetic, timed
+  alone at the same shapes (non-finite row check, keeping the previous observation there,
+  zeroing their reward, step count, truncation, done, drawing the start state a reset would use,
+  and the automatic reset of done rows): ``env_over_bare_bound = bare / (bare + floor)`` is what
+  the env could reach if its Python cost were zero.
+
+With ``--compile`` one more figure, ``compile_bookkeeping``: that step bookkeeping as one
+function, eager vs ``torch.compile`` (time per call, compile seconds, and whether the compiled
+function returns the same values on a batch with a non-finite row).
+
+Each JSON line has transitions/s of the three, ``env_over_bare`` (target >= 0.9) and
+``bare_over_gemm`` (target >= 0.5), and the GEMM GFLOP/s at those shapes.
 """
 from __future__ import annotations
 
@@ -22,114 +43,257 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
+from torch.nn import functional as F
 from torchrl.data import Bounded, Unbounded
 
 from torchrl_depeff.envs.model_env import EnsembleModelEnv
 from torchrl_depeff.envs.rewards import halfcheetah_reward, no_termination
+from torchrl_depeff.modules.actors import make_gaussian_actor
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 
-OBS, ACT = 17, 6
+OBS, ACT, E = 17, 6, 5
+SIZES = {"quick": (200, 200), "bremen": (1024, 1024)}
 
 
 def _time_group(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best-of-``rounds`` seconds per call, the functions interleaved (alternating order)."""
     for fn in fns.values():  # warm-up
+        fn()
         fn()
     best = {name: float("inf") for name in fns}
     names = list(fns)
     for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:  # alternate order each round
-            fn = fns[name]
+        for name in names if r % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def _bare_loop(model, policy_net, start, steps, mode, gen):
-    obs = start[torch.randint(start.shape[0], (B_ROWS[0],), generator=gen)]
-    E = model.num_members
+def _stacked(model: DynamicsEnsemble) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Stacked weights ``[E, in, out]``, biases ``[E, out]`` and 16-byte aligned weight copies."""
+    ws = [layer.weight.detach() for layer in model.network.layers]
+    bs = [layer.bias.detach()[:, 0] for layer in model.network.layers]
+    aligned = []
+    for w in ws:
+        pad = (-w.shape[-1]) % 4
+        aligned.append(F.pad(w, (0, pad))[..., : w.shape[-1]] if pad else w)
+    return ws, bs, aligned
+
+
+def _bare_loop(model, policy, start, steps, rows, mode, gen):
+    ws, bs, aligned = _stacked(model)
+    inn, tn = model.input_normalizer, model.target_normalizer
+    acts = list(model.network.activations)
+    members = torch.arange(E)
+    probabilistic = model.probabilistic
+    obs = start[torch.randint(start.shape[0], (rows,), generator=gen)]
     for _ in range(steps):
-        action = policy_net(obs)
-        if mode == "per_sample":
-            idx = torch.randint(E, obs.shape[:-1], generator=gen)
-            pred = model.predict(obs, action, member_index=idx)
-            loc, scale = pred.loc, pred.scale
-        elif mode == "per_step":
-            idx = torch.randint(E, (1,), generator=gen).expand(obs.shape[:-1])
-            pred = model.predict(obs, action, member_index=idx)
-            loc, scale = pred.loc, pred.scale
-        else:
-            pred = model.predict(obs, action)
+        action = policy(obs)
+        x = (torch.cat([obs, action], -1) - inn.loc) / inn.scale
+        if mode == "per_step":
+            e = torch.randint(E, (1,), generator=gen)
+            h = x
+            for i, (w, b) in enumerate(zip(ws, bs)):
+                if i:
+                    h = acts[i - 1](h)
+                h = torch.addmm(b.index_select(0, e)[0], h, w.index_select(0, e)[0])
+        elif mode == "per_sample":
+            idx = torch.randint(E, (rows,), generator=gen)
+            sorted_idx, perm = torch.sort(idx, stable=True)
+            offs = torch.searchsorted(sorted_idx, members, right=True).to(torch.int32)
+            h = F.pad(x.index_select(0, perm), (0, 1))[:, : x.shape[1]]
+            for i, (w, b) in enumerate(zip(aligned, bs)):
+                if i:
+                    h = acts[i - 1](h)
+                h = F.grouped_mm(h, w, offs=offs) + b.index_select(0, sorted_idx)
+            h = torch.empty_like(h).index_copy_(0, perm, h)
+        else:  # every member: one batched matmul per layer
+            h = x.expand(E, *x.shape)
+            for i, (w, b) in enumerate(zip(ws, bs)):
+                if i:
+                    h = acts[i - 1](h)
+                h = torch.baddbmm(b[:, None], h, w)
             if mode == "mean":
-                loc, scale = pred.loc.mean(0), None
+                h = h.mean(0)
             else:  # per_sample + disagreement
-                idx = torch.randint(E, obs.shape[:-1], generator=gen)
-                x = pred.loc.movedim(0, -2)
-                _ = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").flatten(-2).amax(-1)
-                g = idx[None, :, None].expand(1, *pred.loc.shape[1:])
-                loc, scale = pred.loc.gather(0, g)[0], pred.scale.gather(0, g)[0]
-        nxt = loc + scale * torch.randn(loc.shape, generator=gen) if scale is not None else loc
+                loc_all = obs + (h[..., :OBS] * tn.scale[:OBS] + tn.loc[:OBS])
+                d = torch.cdist(loc_all.movedim(0, 1), loc_all.movedim(0, 1), compute_mode="donot_use_mm_for_euclid_dist")
+                _ = d.flatten(-2).amax(-1)
+                idx = torch.randint(E, (rows,), generator=gen)
+                h = h.gather(0, idx[None, :, None].expand(1, *h.shape[1:]))[0]
+        if probabilistic:
+            mean, raw = h.chunk(2, -1)
+            target = mean * tn.scale + tn.loc
+            loc = obs + target[:, :OBS]
+            scale = torch.exp(0.5 * raw[:, :OBS]) * tn.scale[:OBS]  # (log-var bounds omitted)
+            nxt = loc + scale * torch.randn(loc.shape, generator=gen) if mode != "mean" else loc
+        else:
+            nxt = obs + (h * tn.scale + tn.loc)[:, :OBS]
         _ = halfcheetah_reward(obs, action, nxt)
-        _ = no_termination(obs, action, nxt)
         obs = nxt
     return obs
 
 
-B_ROWS = [10_000]
+def _gemm_chain(sizes: list[int], rows: int, members: int) -> tuple[Callable[[], object], float]:
+    xs = [torch.randn(rows, i) for i in sizes[:-1]]
+    ws = [torch.randn(members, i, o) for i, o in zip(sizes[:-1], sizes[1:])]
+    bs = [torch.randn(members, o) for o in sizes[1:]]
+
+    def chain() -> None:
+        for x, w, b in zip(xs, ws, bs):
+            for e in range(members):
+                torch.addmm(b[e], x, w[e])
+
+    flops = 2.0 * rows * members * sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+    return chain, flops
+
+
+def _bookkeeping_floor(rows: int, pool: torch.Tensor) -> Callable[[], None]:
+    obs, nxt, reward = torch.randn(rows, OBS), torch.randn(rows, OBS), torch.randn(rows, 1)
+    step_count = torch.zeros(rows, 1, dtype=torch.long)
+    zeros = torch.zeros_like(step_count)
+
+    def floor() -> None:
+        invalid = (nxt * 0).sum(-1, keepdim=True) != 0
+        n = torch.where(invalid, obs, nxt)
+        reward.masked_fill(invalid, 0.0)
+        sc = step_count + 1
+        done = invalid | (sc >= 1000)
+        start = pool.index_select(0, torch.randint(pool.shape[0], (rows,)))
+        torch.where(done, start, n)
+        torch.where(done, zeros, sc)
+    return floor
+
+
+def _config(size: str, mode: str, unc: tuple[str, ...], args, policy_kind: str, probabilistic: bool) -> dict:
+    torch.manual_seed(0)
+    cells = SIZES[size]
+    model = DynamicsEnsemble(OBS, ACT, num_members=E, num_cells=cells, probabilistic=probabilistic)
+    start = torch.randn(50_000, OBS)
+    model.fit_normalizers(start[:5000], torch.rand(5000, ACT) * 2 - 1, start[:5000] + 0.1 * torch.randn(5000, OBS))
+    if policy_kind == "linear":
+        policy_net: Callable = nn.Sequential(nn.Linear(OBS, ACT), nn.Tanh())
+        policy = TensorDictModule(policy_net, in_keys=["observation"], out_keys=["action"])
+    else:  # BREMEN's Gaussian actor (quick preset: 64-64 tanh), called through a tensordict
+        policy = make_gaussian_actor(OBS, ACT, num_cells=(64, 64))
+
+        def policy_net(obs, policy=policy, rows=args.rows):
+            return policy(TensorDict({"observation": obs}, [rows]))["action"]
+
+    env = EnsembleModelEnv(
+        model, observation_spec=Unbounded(OBS), action_spec=Bounded(-1.0, 1.0, (ACT,)),
+        reward_fn=halfcheetah_reward, termination_fn=no_termination,
+        start_states=TensorDict({"observation": start}, [start.shape[0]]), batch_size=args.rows,
+        member_selection=mode, uncertainty=unc, max_episode_steps=1000,
+    )
+    env.set_seed(0)
+    assert env._fast_rollout_ok(policy, None, {"break_when_any_done": False})
+    gen = torch.Generator().manual_seed(0)
+    bare_mode = "per_sample_unc" if unc else mode
+    sizes = [OBS + ACT, *cells, model.network.out_features]
+    gemm, gemm_flops = _gemm_chain(sizes, args.rows, E if (unc or mode == "mean") else 1)
+
+    def run_env() -> None:
+        with torch.no_grad():
+            env.rollout(args.steps, policy, break_when_any_done=False)
+
+    def run_bare() -> None:
+        with torch.no_grad():
+            _bare_loop(model, policy_net, start, args.steps, args.rows, bare_mode, gen)
+
+    def run_gemm() -> None:
+        for _ in range(args.steps):
+            gemm()
+
+    floor = _bookkeeping_floor(args.rows, start)
+
+    def run_floor() -> None:
+        for _ in range(args.steps):
+            floor()
+
+    best = _time_group({"env": run_env, "bare": run_bare, "gemm": run_gemm, "floor": run_floor}, args.rounds)
+    n = args.rows * args.steps
+    return {
+        "figure": "model_env_rollout",
+        "ensemble": f"{E} x {'-'.join(map(str, cells))} {'probabilistic' if probabilistic else 'deterministic'}",
+        "member_selection": mode,
+        "uncertainty": list(unc),
+        "policy": policy_kind,
+        "rows": args.rows,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "env_transitions_per_s": round(n / best["env"]),
+        "bare_transitions_per_s": round(n / best["bare"]),
+        "gemm_transitions_per_s": round(n / best["gemm"]),
+        "gemm_gflops": round(gemm_flops * args.steps / best["gemm"] / 1e9, 2),
+        "env_over_bare": round(best["bare"] / best["env"], 3),
+        "bare_over_gemm": round(best["gemm"] / best["bare"], 3),
+        "env_over_gemm": round(best["gemm"] / best["env"], 3),
+        "floor_us_per_step": round(best["floor"] / args.steps * 1e6, 1),
+        "env_over_bare_bound": round(best["bare"] / (best["bare"] + best["floor"]), 3),
+    }
+
+
+def _bookkeeping(obs, next_obs, reward, step_count, start, max_steps: int):
+    invalid = (next_obs * 0).sum(-1, keepdim=True) != 0
+    next_obs = torch.where(invalid, obs, next_obs)
+    reward = reward.masked_fill(invalid, 0.0)
+    step_count = step_count + 1
+    done = invalid | (step_count >= max_steps)
+    return (next_obs, reward, done, step_count, torch.where(done, start, next_obs),
+            torch.where(done, torch.zeros_like(step_count), step_count))
+
+
+def bench_compile(rows: int) -> dict:
+    obs, nxt, reward = torch.randn(rows, OBS), torch.randn(rows, OBS), torch.randn(rows, 1)
+    nxt[3, 2] = float("nan")
+    sc, start = torch.randint(0, 999, (rows, 1)), torch.randn(rows, OBS)
+    t0 = time.perf_counter()
+    compiled = torch.compile(_bookkeeping, dynamic=False)
+    with torch.no_grad():
+        out_c = compiled(obs, nxt, reward, sc, start, 1000)
+        compile_s = time.perf_counter() - t0
+        out_e = _bookkeeping(obs, nxt, reward, sc, start, 1000)
+        same = all(torch.equal(a, b) for a, b in zip(out_c, out_e))
+
+        def many(fn):
+            return lambda: [fn(obs, nxt, reward, sc, start, 1000) for _ in range(200)]
+
+        best = _time_group({"eager": many(_bookkeeping), "compiled": many(compiled)}, 7)
+    return {"figure": "compile_bookkeeping", "rows": rows, "eager_us": round(best["eager"] / 200 * 1e6, 1),
+            "compiled_us": round(best["compiled"] / 200 * 1e6, 1), "compile_s": round(compile_s, 1),
+            "same_values": same}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (few rounds, few steps)")
+    parser.add_argument("--rows", type=int, default=200, help="parallel rollouts (rows per step)")
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--only", default="quick,bremen", help="ensemble sizes: quick,bremen")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the bookkeeping")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    batch = 1000 if args.quick else args.batch
-    steps = 3 if args.quick else args.steps
-    rounds = 2 if args.quick else 7
-    B_ROWS[0] = batch
-    torch.manual_seed(0)
-    model = DynamicsEnsemble(OBS, ACT, num_members=5, num_cells=(200, 200), probabilistic=True)
-    policy_net = nn.Sequential(nn.Linear(OBS, ACT), nn.Tanh())
-    policy = TensorDictModule(policy_net, in_keys=["observation"], out_keys=["action"])
-    start = torch.randn(50_000, OBS)
-    configs = [("per_step", ()), ("per_sample", ()), ("mean", ()), ("per_sample", ("disagreement",))]
-    for mode, unc in configs:
-        env = EnsembleModelEnv(
-            model, observation_spec=Unbounded(OBS), action_spec=Bounded(-1.0, 1.0, (ACT,)),
-            reward_fn=halfcheetah_reward, termination_fn=no_termination,
-            start_states=TensorDict({"observation": start}, [start.shape[0]]), batch_size=batch,
-            member_selection=mode, uncertainty=unc, max_episode_steps=1000,
-        )
-        env.set_seed(0)
-        gen = torch.Generator().manual_seed(0)
-        bare_mode = "per_sample_unc" if unc else mode
-
-        def run_env(env=env):
-            with torch.no_grad():
-                env.rollout(steps, policy, break_when_any_done=False)
-
-        def run_bare(bare_mode=bare_mode, gen=gen):
-            with torch.no_grad():
-                _bare_loop(model, policy_net, start, steps, bare_mode, gen)
-
-        best = _time_group({"env": run_env, "bare": run_bare}, rounds)
-        n = batch * steps
-        rec = {
-            "figure": "model_env_rollout",
-            "member_selection": mode,
-            "uncertainty": list(unc),
-            "batch": batch,
-            "steps": steps,
-            "ensemble": "5 x 2 x 200 probabilistic",
-            "threads": args.threads,
-            "env_transitions_per_s": round(n / best["env"]),
-            "bare_transitions_per_s": round(n / best["bare"]),
-            "ratio": round(best["bare"] / best["env"], 3),
-        }
-        print(json.dumps(rec), flush=True)
+    if args.quick:
+        args.steps, args.rounds = 5, 2
+    print(json.dumps({"figure": "config", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "rows": args.rows, "steps": args.steps, "rounds": args.rounds}), flush=True)
+    configs = [
+        ("per_step", (), "linear", False),
+        ("per_sample", (), "linear", False),
+        ("per_sample", ("disagreement",), "linear", False),
+        ("mean", (), "linear", False),
+        ("per_sample", (), "linear", True),
+        ("per_sample", (), "gaussian_actor", False),
+    ]
+    for size in [s for s in args.only.split(",") if s]:
+        for mode, unc, policy_kind, probabilistic in configs:
+            print(json.dumps(_config(size, mode, unc, args, policy_kind, probabilistic)), flush=True)
+    if args.compile:
+        print(json.dumps(bench_compile(args.rows)), flush=True)
 
 
 if __name__ == "__main__":

@@ -422,3 +422,83 @@ class TestErrors:
         assert env.termination_fn is get_task("hopper").termination_fn
         assert env.max_episode_steps == 1000
         check_env_specs(env)
+
+
+class TestResetFromGivenStates:
+    def test_reset_uses_given_observations(self):
+        env = _env(member_selection="mean")
+        given = torch.randn(16, OBS)
+        out = env.reset(TensorDict({"observation": given}, [16]))
+        assert torch.equal(out["observation"], given)
+        assert (out["model_step_count"] == 0).all()
+        ro = env.rollout(3, tensordict=TensorDict({"observation": given}, [16]), break_when_any_done=False)
+        assert torch.equal(ro["observation"][:, 0], given)  # rollout(tensordict=...) starts there
+        # set_state=False ignores them: a sampled start state instead
+        out = env.reset(TensorDict({"observation": given}, [16]), set_state=False)
+        assert not torch.equal(out["observation"], given)
+        start = env._start_states
+        assert (out["observation"].unsqueeze(1) == start.unsqueeze(0)).all(-1).any(-1).all()
+
+    def test_partial_reset_samples_unless_set_state(self):
+        env = _env(member_selection="mean")
+        given = torch.full((16, OBS), 7.0)
+        mask = torch.zeros(16, 1, dtype=torch.bool)
+        mask[:2] = True
+        td = TensorDict({"observation": given, "_reset": mask}, [16])
+        out = env.reset(td.clone())
+        assert (out["observation"][:2] != 7.0).all() and (out["observation"][2:] == 7.0).all()
+        given2 = torch.full((16, OBS), 9.0)
+        out = env.reset(TensorDict({"observation": given2, "_reset": mask}, [16]), set_state=True)
+        assert (out["observation"] == 9.0).all()
+
+    def test_per_trajectory_member_from_the_tensordict(self):
+        env = _env(member_selection="per_trajectory")
+        member = torch.tensor([3] * 16)
+        out = env.reset(TensorDict({"observation": torch.zeros(16, OBS), "model_member": member}, [16]))
+        assert torch.equal(out["model_member"], member)
+
+
+class TestDtypesAndBounds:
+    def test_float64_gym_env_is_cast_to_the_ensemble_dtype(self):
+        from torchrl.envs import GymEnv
+
+        real = GymEnv("HalfCheetah-v5")  # float64 observations, no DoubleToFloat
+        assert real.observation_spec["observation"].dtype == torch.float64
+        model = DynamicsEnsemble(17, 6, num_members=2, num_cells=(8,))
+        start = TensorDict({"observation": real.reset()["observation"].expand(4, 17).clone()}, [4])
+        env = EnsembleModelEnv.from_env(real, model, task="halfcheetah", start_states=start, batch_size=3)
+        assert env.observation_spec["observation"].dtype == torch.float32
+        assert env.action_spec.dtype == torch.float32 and env.reward_spec.dtype == torch.float32
+        check_env_specs(env)
+        ro = env.rollout(3, lambda td: td.set("action", torch.zeros(3, 6, dtype=torch.float64)))
+        assert ro["next", "observation"].dtype == torch.float32 and torch.isfinite(ro["next", "reward"]).all()
+
+    @pytest.mark.parametrize("bounds", ["pass", "clip"])
+    def test_out_of_bounds_actions(self, bounds):
+        seen = {}
+
+        def rf(o, a, n):
+            seen["a"] = a
+            return n[..., :1]
+
+        env = _env(reward_fn=rf, action_bounds=bounds, member_selection="mean")
+        td = env.reset()
+        action = torch.zeros(16, ACT)
+        action[:3, 0] = 5.0
+        action[3, 1] = float("nan")
+        td["action"] = action
+        env.step(td)
+        assert int(env.num_out_of_bounds_actions) == 4  # rows 0-2 above the bound, row 3 NaN
+        if bounds == "clip":
+            assert seen["a"][:3, 0].eq(1.0).all()
+        else:
+            assert seen["a"][:3, 0].eq(5.0).all()
+
+    def test_replay_buffer_nan_start_state_refused_at_reset(self):
+        rb = ReplayBuffer(storage=LazyTensorStorage(10))
+        obs = torch.randn(10, OBS)
+        obs[:, 0] = float("nan")
+        rb.extend(TensorDict({"observation": obs}, [10]))
+        env = _env(start_states=rb)
+        with pytest.raises(ValueError, match="replay buffer returned 16 non-finite"):
+            env.reset()

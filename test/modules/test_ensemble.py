@@ -160,15 +160,16 @@ class TestDynamicsEnsemble:
             ref, _ = model.forward_normalized(obs[e], act[e])
             torch.testing.assert_close(mean[e], ref[e], atol=1e-5, rtol=1e-5)
 
-    @pytest.mark.parametrize("grouped_kernel", ["padded", "loop"])
+    @pytest.mark.parametrize("grouped_kernel", ["grouped_mm", "gather", "padded", "loop"])
     @pytest.mark.parametrize("probabilistic", [False, True])
     def test_member_index_equals_gather(self, grouped_kernel, probabilistic):
         model = _model(probabilistic=probabilistic, predict_reward=True, grouped_kernel=grouped_kernel)
         obs, act = torch.randn(5, 11, 3), torch.randn(5, 11, 2)
         idx = torch.randint(4, (5, 11))
         idx[0, :4] = 3  # make groups unbalanced
-        full = model.predict(obs, act)
-        part = model.predict(obs, act, member_index=idx)
+        with torch.no_grad():
+            full = model.predict(obs, act)
+            part = model.predict(obs, act, member_index=idx)
 
         def gather(x):
             return x.gather(0, idx[None, ..., None].expand(1, *idx.shape, x.shape[-1]))[0]
@@ -185,17 +186,95 @@ class TestDynamicsEnsemble:
         full = model.predict(obs, act).loc
         torch.testing.assert_close(model.predict(obs, act, member_index=idx).loc, full[idx, torch.arange(6)])
 
-    @pytest.mark.parametrize("grouped_kernel", ["padded", "loop", "auto"])
+    @pytest.mark.parametrize("grouped_kernel", ["padded", "loop"])
     def test_member_index_does_not_run_full_batch(self, grouped_kernel):
         model = _model(grouped_kernel=grouped_kernel)
         rows = []
         net = model.network
         fwd, fwd_member = net.forward, net.forward_member
-        net.forward = lambda x, member_first=None: rows.append(x.shape[0] * x.shape[1]) or fwd(x, member_first)
+        net.forward = lambda x, member_first=None, kernel=None: rows.append(x.shape[0] * x.shape[1]) or fwd(
+            x, member_first, kernel=kernel
+        )
         net.forward_member = lambda x, e: rows.append(x.shape[0]) or fwd_member(x, e)
         model.predict(torch.randn(400, 3), torch.randn(400, 2), member_index=torch.arange(400) % 4)
         rows = sum(rows)
         assert rows == 400  # 4 members x 100 rows, not 4 x 400
+
+    @pytest.mark.parametrize("grouped_kernel", ["grouped_mm", "auto"])
+    def test_grouped_mm_runs_each_row_once(self, grouped_kernel, monkeypatch):
+        import torch.nn.functional as F
+
+        model = _model(grouped_kernel=grouped_kernel)
+        rows, original = [], F.grouped_mm
+
+        def recording(a, b, *, offs):
+            rows.append((a.shape[0], b.shape[0], offs.tolist()))
+            return original(a, b, offs=offs)
+
+        monkeypatch.setattr(F, "grouped_mm", recording)
+        with torch.no_grad():
+            model.predict(torch.randn(400, 3), torch.randn(400, 2), member_index=torch.arange(400) % 4)
+        # one grouped GEMM per layer over the 400 rows, 100 rows per member
+        assert rows == [(400, 4, [100, 200, 300, 400])] * 3
+
+    @pytest.mark.parametrize("grouped_kernel", ["grouped_mm", "gather", "padded", "loop"])
+    @pytest.mark.parametrize("probabilistic", [False, True])
+    def test_scalar_member_index_is_one_member_for_all_rows(self, grouped_kernel, probabilistic):
+        model = _model(probabilistic=probabilistic, predict_reward=True, grouped_kernel=grouped_kernel)
+        obs, act = torch.randn(2, 7, 3), torch.randn(2, 7, 2)
+        with torch.no_grad():
+            full = model.predict(obs, act)
+            part = model.predict(obs, act, member_index=torch.tensor(2))
+        torch.testing.assert_close(part.loc, full.loc[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(part.reward, full.reward[2], atol=1e-5, rtol=1e-5)
+        if probabilistic:
+            torch.testing.assert_close(part.scale, full.scale[2], atol=1e-5, rtol=1e-5)
+
+    def test_grouped_mm_unaligned_widths_and_weight_updates(self):
+        # 3 + 2 inputs, 7 hidden, 3 + 1 outputs x 2 heads: no width is a multiple of 16 bytes
+        model = DynamicsEnsemble(3, 2, num_members=3, num_cells=(7,), probabilistic=True, predict_reward=True,
+                                 grouped_kernel="grouped_mm")
+        obs, act, idx = torch.randn(20, 3), torch.randn(20, 2), torch.randint(3, (20,))
+        with torch.no_grad():
+            ref = model.predict(obs, act).loc[idx, torch.arange(20)]
+            torch.testing.assert_close(model.predict(obs, act, member_index=idx).loc, ref)
+            for p in model.parameters():
+                p.mul_(1.5)  # the cached padded weights must follow in-place updates
+            ref = model.predict(obs, act).loc[idx, torch.arange(20)]
+            torch.testing.assert_close(model.predict(obs, act, member_index=idx).loc, ref)
+
+    def test_grouped_mm_refuses_gradients_auto_stays_differentiable(self):
+        obs, act, idx = torch.randn(8, 3), torch.randn(8, 2), torch.randint(4, (8,))
+        with pytest.raises(RuntimeError, match="inference-only"):
+            _model(grouped_kernel="grouped_mm").predict(obs, act, member_index=idx)
+        model = _model()
+        model.predict(obs, act, member_index=idx).loc.sum().backward()
+        assert model.network.layers[0].weight.grad.abs().sum() > 0
+
+    def test_out_keys_are_honoured(self):
+        model = _model(probabilistic=True, predict_reward=True)
+        keyed = DynamicsEnsemble(3, 2, num_members=4, num_cells=(16, 16), probabilistic=True, predict_reward=True,
+                                 in_keys=["obs", "act"],
+                                 out_keys=[("model", "loc"), ("model", "scale"), ("model", "reward")])
+        keyed.load_state_dict(model.state_dict())
+        obs, act = torch.randn(5, 3), torch.randn(5, 2)
+        td = TensorDict({"obs": obs, "act": act, "loc": torch.zeros(5, 2)}, [5])
+        out = keyed(td)
+        assert torch.equal(out["loc"], torch.zeros(5, 2))  # the policy's "loc" is left alone
+        ref = model(TensorDict({"observation": obs, "action": act}, [5]))
+        for name in ("loc", "scale", "reward"):
+            torch.testing.assert_close(out["model", name], ref[name])
+        keyed.out_keys = ["a", "b"]
+        with pytest.raises(ValueError, match=r"\['a', 'b'\] must have 3 entries"):
+            keyed(td)
+
+    def test_dtype_mismatch_is_a_clear_error(self):
+        model = _model()
+        with pytest.raises(TypeError, match="float64.*float32"):
+            model.predict(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+        double = _model().double()
+        assert double.predict(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
+                              member_index=torch.tensor([0, 1, 2, 3])).loc.dtype == torch.float64
 
     @pytest.mark.parametrize("probabilistic", [False, True])
     def test_state_dict_roundtrip(self, probabilistic):

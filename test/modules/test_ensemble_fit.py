@@ -132,13 +132,13 @@ class TestEnsembleTrainer:
     def test_member_permutations_differ(self):
         trainer = EnsembleTrainer(_model(), batch_size=1000, max_epochs=1)
         seen = []
-        orig = trainer.loss_module.forward
+        orig = trainer._train_step
 
-        def spy(td):
-            seen.append(td["observation"].clone())
-            return orig(td)
+        def spy(x, y):
+            seen.append(x.clone())  # normalised inputs [E, b, o + a]
+            return orig(x, y)
 
-        trainer.loss_module.forward = spy
+        trainer._train_step = spy
         trainer.fit(_linear_data(n=100))
         obs = seen[0]  # [E, n_train, d]
         assert obs.shape[:2] == (3, 85)
@@ -176,3 +176,124 @@ class TestEnsembleTrainer:
             EnsembleTrainer(_model(), patience=0)
         with pytest.raises(KeyError, match="action"):
             EnsembleTrainer(_model()).fit(_linear_data(n=20).exclude("action"))
+        with pytest.raises(ValueError, match="empty data"):
+            EnsembleTrainer(_model()).fit(_linear_data(n=0))
+
+    def test_float64_data_is_cast_to_the_ensemble_dtype(self):
+        data = _linear_data(n=200)
+        torch.manual_seed(0)
+        a = EnsembleTrainer(_model(), max_epochs=2, batch_size=64)
+        torch.manual_seed(0)
+        b = EnsembleTrainer(_model(), max_epochs=2, batch_size=64)
+        ra, rb = a.fit(data), b.fit(data.apply(lambda x: x.double()))
+        assert torch.equal(ra.holdout_loss, rb.holdout_loss)
+        assert a.ensemble.network.layers[0].weight.dtype == torch.float32
+
+
+class _ReferenceTrainer(EnsembleTrainer):
+    """The implementation before issue 15 (tensordict minibatches through EnsembleDynamicsLoss,
+    holdout through forward_normalized with the network's own kernel), for exactness tests."""
+
+    def _train_epoch(self, train):
+        E, n = self.ensemble.num_members, train.shape[0]
+        perms = torch.rand(E, n, generator=self._generator).argsort(dim=1).to(train.device)
+        total = torch.zeros(E, device=train.device)
+        for start in range(0, n, self.batch_size):
+            idx = perms[:, start : start + self.batch_size]
+            out = self.loss_module(train[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss_dynamics"].backward()
+            self.grads.append([p.grad.clone() for p in self.ensemble.parameters()])
+            self.optimizer.step()
+            total += out["member_loss"] * idx.shape[1]
+            self.total_steps += 1
+        return total / n
+
+    @torch.no_grad()
+    def evaluate(self, data):
+        ens = self.ensemble
+        mean, _ = ens.forward_normalized(data.get("observation"), data.get("action"))
+        reward = data.get(("next", "reward")) if ens.predict_reward else None
+        target = ens.normalized_target(data.get("observation"), data.get(("next", "observation")), reward)
+        return (mean - target).pow(2).mean(tuple(range(1, mean.dim())))
+
+    def fit(self, data):
+        data = self._prepare(data)
+        n = data.shape[0]
+        ens = self.ensemble
+        E = ens.num_members
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_hold = min(int(self.holdout_ratio * n), self.max_holdout)
+        holdout = data[perm[:n_hold]] if n_hold > 0 else None
+        train = data[perm[n_hold:]]
+        holdout = train if holdout is None else holdout
+        ens.fit_normalizers(data.get("observation"), data.get("action"), data.get(("next", "observation")),
+                            data.get(("next", "reward")) if ens.predict_reward else None)
+        params = list(ens.parameters())
+        snapshots = [p.detach().clone() for p in params]
+        best = torch.full((E,), float("inf"))
+        best_train = torch.full((E,), float("nan"))
+        best_epoch = torch.zeros(E, dtype=torch.long)
+        since = torch.zeros(E, dtype=torch.long)
+        epochs = 0
+        for epoch in range(self.max_epochs):
+            train_loss = self._train_epoch(train)
+            hold_loss = self.evaluate(holdout)
+            epochs = epoch + 1
+            improved = (best - hold_loss) / best.abs() > self.improvement_threshold
+            improved = improved | torch.isinf(best) & torch.isfinite(hold_loss)
+            self._snapshot(params, snapshots, improved)
+            best = torch.where(improved, hold_loss, best)
+            best_train = torch.where(improved, train_loss, best_train)
+            best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
+            since = torch.where(improved, torch.zeros_like(since), since + 1)
+            if bool((since >= self.patience).all()):
+                break
+        self._restore(params, snapshots)
+        elites = ens.set_elites(best).clone()
+        return FitResult(best_train, best, epochs, best_epoch, elites)
+
+
+_SIZES = {
+    # BREMEN quick preset: deterministic 2 x 200; MB2PO: probabilistic, reward head, 4 x 200 swish;
+    # a 512-wide member loop (the CPU "auto" kernel of BREMEN's 2 x 1024) kept small for speed
+    "quick": dict(num_cells=(200, 200)),
+    "mb2po": dict(num_cells=(200, 200, 200, 200), activation=torch.nn.SiLU, probabilistic=True,
+                  predict_reward=True, num_elites=3),
+    "member_loop": dict(num_cells=(512, 512)),
+}
+
+
+class TestFastTrainerIsExact:
+    @pytest.mark.parametrize("size", sorted(_SIZES))
+    def test_losses_gradients_and_fitted_parameters(self, size):
+        kw = dict(num_members=3 if size == "member_loop" else 4, **_SIZES[size])
+        data = _linear_data(n=300 if size == "member_loop" else 700, noise=0.05, reward=True, seed=2)
+        torch.manual_seed(0)
+        fast_model = _model(**kw)
+        ref_model = copy.deepcopy(fast_model)
+        fast = EnsembleTrainer(fast_model, batch_size=64, max_epochs=3, patience=2, weight_decay=1e-4, seed=4)
+        ref = _ReferenceTrainer(ref_model, batch_size=64, max_epochs=3, patience=2, weight_decay=1e-4, seed=4)
+        ref.grads = []
+        fast_grads = []
+        # gradients: recorded just before each Adam step
+        orig_opt_step = fast.optimizer.step
+
+        def opt_step(*a, **k):
+            fast_grads.append([p.grad.clone() for p in fast_model.parameters()])
+            return orig_opt_step(*a, **k)
+
+        fast.optimizer.step = opt_step
+        for round_ in range(2):  # a second fit: warm-started Adam state, refit normalisers
+            rf, rr = fast.fit(data), ref.fit(data)
+            assert rf.epochs == rr.epochs and torch.equal(rf.elites, rr.elites)
+            assert torch.equal(rf.holdout_loss, rr.holdout_loss)
+            assert torch.equal(rf.train_loss, rr.train_loss)
+            assert torch.equal(rf.best_epoch, rr.best_epoch)
+        assert len(fast_grads) == len(ref.grads) > 0
+        for gf, gr in zip(fast_grads, ref.grads):
+            for a, b in zip(gf, gr):
+                assert torch.equal(a, b)
+        for (name, a), b in zip(fast_model.state_dict().items(), ref_model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert fast.total_steps == ref.total_steps

@@ -8,8 +8,15 @@
 
 Both read the uncertainty entries written by
 :class:`~torchrl_depeff.envs.model_env.EnsembleModelEnv` in ``("next", uncertainty_key)``.
+Either wrap the env, ``TransformedEnv(env, SoftUncertaintyPenalty(...))``, or pass the
+transform to the env itself, ``EnsembleModelEnv(..., penalty=SoftUncertaintyPenalty(...))``:
+the env then applies the same arithmetic (:meth:`SoftUncertaintyPenalty.apply`,
+:meth:`HardUncertaintyPenalty.apply`) inside its step, so its fast rollout path covers the
+penalty; both give identical rollouts for the same seed.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from tensordict import TensorDictBase
@@ -17,6 +24,11 @@ from torchrl.data import Composite, TensorSpec, Unbounded
 from torchrl.envs.transforms import Transform
 
 __all__ = ["SoftUncertaintyPenalty", "HardUncertaintyPenalty"]
+
+
+def _check_key(name: str, key: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"{name} must be a non-empty str, got {key!r}")
 
 
 class SoftUncertaintyPenalty(Transform):
@@ -51,20 +63,41 @@ class SoftUncertaintyPenalty(Transform):
         reward_key: str = "reward",
         penalty_key: str = "penalty",
     ) -> None:
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)):
+            raise TypeError(f"coef must be a float, got {coef!r}")
         coef = float(coef)
-        if not coef >= 0.0:
-            raise ValueError(f"coef must be >= 0, got {coef}")
+        if not (math.isfinite(coef) and coef >= 0.0):
+            raise ValueError(f"coef must be a finite float >= 0, got {coef}")
+        _check_key("uncertainty_key", uncertainty_key)
         super().__init__(in_keys=[uncertainty_key, reward_key], out_keys=[reward_key, penalty_key])
         self.coef = coef
         self.uncertainty_key = uncertainty_key
         self.reward_key = reward_key
         self.penalty_key = penalty_key
 
+    def apply(self, reward: torch.Tensor, uncertainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penalised reward and penalty on plain tensors (the transform's arithmetic).
+
+        Args:
+            reward (torch.Tensor): ``[*B, 1]``.
+            uncertainty (torch.Tensor): ``[*B, 1]`` (any shape with as many elements).
+
+        Returns:
+            ``(reward - coef * u, coef * u)``.
+
+        Examples:
+            >>> from torchrl_depeff.envs.penalties import SoftUncertaintyPenalty
+            >>> SoftUncertaintyPenalty(0.5).apply(torch.ones(2, 1), torch.tensor([[2.0], [0.0]]))[0].squeeze(-1)
+            tensor([0., 1.])
+        """
+        penalty = self.coef * uncertainty.reshape(reward.shape).to(reward.dtype)
+        return reward - penalty, penalty  # MOPO: r~ = r - lambda * u
+
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
-        u = next_tensordict.get(self.uncertainty_key)
-        reward = next_tensordict.get(self.reward_key)
-        penalty = self.coef * u.reshape(reward.shape).to(reward.dtype)
-        next_tensordict.set(self.reward_key, reward - penalty)  # MOPO: r~ = r - lambda * u
+        reward, penalty = self.apply(
+            next_tensordict.get(self.reward_key), next_tensordict.get(self.uncertainty_key)
+        )
+        next_tensordict.set(self.reward_key, reward)
         next_tensordict.set(self.penalty_key, penalty)
         return next_tensordict
 
@@ -134,9 +167,15 @@ class HardUncertaintyPenalty(Transform):
         *,
         reward_key: str = "reward",
     ) -> None:
+        for name, value in (("threshold", threshold), ("penalty_reward", penalty_reward)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be finite, got {value}")
         threshold = float(threshold)
         if not threshold > 0.0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
+        _check_key("uncertainty_key", uncertainty_key)
         super().__init__(
             in_keys=[uncertainty_key, reward_key], out_keys=[reward_key, "terminated", "done"]
         )
@@ -145,16 +184,47 @@ class HardUncertaintyPenalty(Transform):
         self.uncertainty_key = uncertainty_key
         self.reward_key = reward_key
 
-    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
-        reward = next_tensordict.get(self.reward_key)
-        u = next_tensordict.get(self.uncertainty_key).reshape(reward.shape)
+    def apply(
+        self,
+        reward: torch.Tensor,
+        uncertainty: torch.Tensor,
+        terminated: torch.Tensor,
+        done: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Halted reward, terminated and done on plain tensors (the transform's arithmetic).
+
+        Args:
+            reward (torch.Tensor): ``[*B, 1]``.
+            uncertainty (torch.Tensor): ``[*B, 1]``.
+            terminated (torch.Tensor): bool ``[*B, 1]``.
+            done (torch.Tensor): bool ``[*B, 1]``.
+
+        Returns:
+            ``(reward, terminated, done)`` with halted rows (``u > threshold``) set to
+            ``penalty_reward`` / ``True`` / ``True``.
+
+        Examples:
+            >>> from torchrl_depeff.envs.penalties import HardUncertaintyPenalty
+            >>> f = torch.zeros(2, 1, dtype=torch.bool)
+            >>> r, t, d = HardUncertaintyPenalty(3.0, -5.0).apply(torch.ones(2, 1), torch.tensor([[3.5], [3.0]]), f, f)
+            >>> r.squeeze(-1), t.squeeze(-1)
+            (tensor([-5.,  1.]), tensor([ True, False]))
+        """
+        u = uncertainty.reshape(reward.shape)
         halt = u > self.threshold  # MOReL: HALT when disagreement exceeds the threshold
-        next_tensordict.set(
-            self.reward_key, torch.where(halt, torch.full_like(reward, self.penalty_reward), reward)
+        reward = torch.where(halt, torch.full_like(reward, self.penalty_reward), reward)
+        return reward, terminated | halt.reshape(terminated.shape), done | halt.reshape(done.shape)
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        reward, terminated, done = self.apply(
+            next_tensordict.get(self.reward_key),
+            next_tensordict.get(self.uncertainty_key),
+            next_tensordict.get("terminated"),
+            next_tensordict.get("done"),
         )
-        for key in ("terminated", "done"):
-            flag = next_tensordict.get(key)
-            next_tensordict.set(key, flag | halt.reshape(flag.shape))
+        next_tensordict.set(self.reward_key, reward)
+        next_tensordict.set("terminated", terminated)
+        next_tensordict.set("done", done)
         return next_tensordict
 
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:

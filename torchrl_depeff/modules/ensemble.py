@@ -6,11 +6,12 @@ per-member entries are written member-last in the batch dims, ``[*B, E, d]``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,9 +22,13 @@ __all__ = [
     "EnsembleMLP",
     "DynamicsEnsemble",
     "EnsemblePrediction",
+    "MemberPredictor",
 ]
 
 _KERNELS = ("auto", "bmm", "loop")
+_GROUPED_KERNELS = ("auto", "grouped_mm", "gather", "padded", "loop")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 # Measured on the 2-core AMD EPYC CPU this project runs on (benchmarks/bench_ensemble.py,
 # forward+backward+Adam, see benchmarks/README.md): a per-member loop is at least as fast as
@@ -121,7 +126,9 @@ class EnsembleLinear(nn.Module):
             return "bmm"
         return self._cpu_kernel
 
-    def forward(self, x: torch.Tensor, member_first: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, member_first: bool | None = None, *, kernel: str | None = None
+    ) -> torch.Tensor:
         """Apply every member.
 
         Args:
@@ -129,6 +136,10 @@ class EnsembleLinear(nn.Module):
             member_first (bool, optional): whether dim 0 of ``x`` indexes members. ``None``
                 (default) infers it: per member iff ``x.dim() >= 3`` and ``x.shape[0] == E``.
                 Pass it explicitly whenever a shared batch could start with ``E``.
+
+        Keyword Args:
+            kernel (str, optional): ``"bmm"`` or ``"loop"`` for this call only; ``None`` uses
+                the layer's kernel.
 
         Returns:
             ``[E, *B, out]``.
@@ -150,7 +161,7 @@ class EnsembleLinear(nn.Module):
         else:
             batch = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)
-        kernel = self._resolve_kernel(x)
+        kernel = self._resolve_kernel(x) if kernel is None else kernel
         if kernel == "loop":
             # unbind (not weight[e]): its backward stacks the E slice gradients once instead
             # of materialising a full-size [E, in, out] zero gradient per member
@@ -250,15 +261,19 @@ class EnsembleMLP(nn.Module):
             return "bmm" if x.is_cuda else self._cpu_kernel
         return self.kernel
 
-    def forward(self, x: torch.Tensor, member_first: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, member_first: bool | None = None, *, kernel: str | None = None
+    ) -> torch.Tensor:
         """``[*B, in]`` (shared) or ``[E, *B, in]`` (per member) -> ``[E, *B, out]``.
 
-        ``member_first`` is interpreted as in :meth:`EnsembleLinear.forward`.
+        ``member_first`` is interpreted as in :meth:`EnsembleLinear.forward`; ``kernel``
+        (``"bmm"`` or ``"loop"``) overrides the module's kernel for this call.
         """
-        if self._resolve_kernel(x) == "bmm":
-            x = self.layers[0](x, member_first=member_first)
+        kernel = self._resolve_kernel(x) if kernel is None else kernel
+        if kernel == "bmm":
+            x = self.layers[0](x, member_first=member_first, kernel="bmm")
             for act, layer in zip(self.activations, self.layers[1:]):
-                x = layer(act(x), member_first=True)
+                x = layer(act(x), member_first=True, kernel="bmm")
             return x
         return self._member_loop(x, member_first)
 
@@ -333,14 +348,27 @@ class DynamicsEnsemble(TensorDictModuleBase):
     member's loss sends gradients to that member's parameters only.
 
     ``predict(..., member_index=idx)`` evaluates one member per row without computing every
-    member for every row. Rows are sorted by member (stable sort), then either each member
-    runs on its own rows (``grouped_kernel="loop"``, ``E`` small matmul chains) or the rows are
-    packed into a padded ``[E, max_rows, d]`` block that runs through the batched network once
-    (``"padded"``; ``max_rows`` is about ``N / E`` for a uniform draw). ``"auto"`` uses
-    ``"loop"`` on CPU, where it was faster than ``"padded"`` in 3 of 4 runs of
-    ``benchmarks/bench_ensemble.py`` (by 5-20%; within this machine's noise), both being
-    2.5-5x faster than computing every member and gathering (BREMEN size, 10k rows), and ``"padded"`` on CUDA (fewer kernel launches; a
-    choice, not measured here: no GPU was available).
+    member for every row (``idx`` ``[*B]``; a 0-d ``idx`` uses one member for the whole batch,
+    BREMEN's per-step draw). Kernels (``grouped_kernel``):
+
+    * ``"grouped_mm"``: rows are sorted by member (stable sort) and every layer is one
+      :func:`torch.nn.functional.grouped_mm` over the member-sorted rows with the stacked
+      ``[E, in, out]`` weights (the MoE grouped GEMM): no Python loop over members, no host
+      synchronisation, and each row costs one member's FLOPs. Weight copies padded to the
+      kernel's 16-byte row alignment are cached per parameter version.
+    * ``"gather"``: every member on every row (one batched matmul per layer), then the row's
+      member is gathered: ``E`` times the FLOPs, but no sort and no host synchronisation.
+    * ``"padded"``: rows packed into an ``[E, max_rows, d]`` block (one host read of
+      ``max_rows``).
+    * ``"loop"``: a Python loop over members on their own rows (host reads of the counts).
+    * ``"auto"``: ``"grouped_mm"`` on CPU (the fastest here, see ``benchmarks/README.md``),
+      or ``"loop"`` when a gradient is needed (``grouped_mm`` has no CPU backward; the model
+      env always evaluates under ``no_grad``), and ``"gather"`` on other devices, where
+      ``grouped_mm`` is a bfloat16-only kernel (a choice, not measured: no GPU was available).
+
+    Dtype: inputs must have the ensemble's floating dtype (a clear ``TypeError`` otherwise);
+    :class:`~torchrl_depeff.envs.EnsembleModelEnv` and
+    :class:`~torchrl_depeff.trainers.EnsembleTrainer` cast their data to it.
 
     Args:
         observation_dim (int): observation size.
@@ -356,8 +384,16 @@ class DynamicsEnsemble(TensorDictModuleBase):
 
     Keyword Args:
         kernel (str, optional): kernel of the :class:`EnsembleLinear` layers. Defaults to ``"auto"``.
-        grouped_kernel (str, optional): ``"auto"``, ``"padded"`` or ``"loop"``, how
-            ``member_index`` is evaluated (see above). Defaults to ``"auto"``.
+        grouped_kernel (str, optional): ``"auto"``, ``"grouped_mm"``, ``"gather"``,
+            ``"padded"`` or ``"loop"``, how ``member_index`` is evaluated (see above).
+            Defaults to ``"auto"``.
+        in_keys (sequence of NestedKey, optional): observation and action keys read by
+            :meth:`forward`. Defaults to ``["observation", "action"]``.
+        out_keys (sequence of NestedKey, optional): keys written by :meth:`forward`, one per
+            output (``loc`` [, ``scale``] [, ``reward``]). Defaults to ``["loc"]`` (+
+            ``"scale"`` if probabilistic, + ``"reward"`` if ``predict_reward``); pass other
+            names (e.g. ``[("model", "loc"), ("model", "scale")]``) to keep them apart from a
+            policy's ``"loc"``/``"scale"``.
 
     Examples:
         >>> from tensordict import TensorDict
@@ -374,6 +410,12 @@ class DynamicsEnsemble(TensorDictModuleBase):
         >>> idx = torch.randint(4, (10,))
         >>> model.predict(td["observation"], td["action"], member_index=idx).loc.shape
         torch.Size([10, 3])
+        >>> model.predict(td["observation"], td["action"], member_index=torch.tensor(2)).loc.shape
+        torch.Size([10, 3])
+        >>> keyed = DynamicsEnsemble(3, 2, num_members=4, num_cells=(16,), probabilistic=True,
+        ...                          out_keys=[("model", "loc"), ("model", "scale")])
+        >>> keyed(td.clone())["model", "scale"].shape
+        torch.Size([10, 4, 3])
     """
 
     elite_indices: torch.Tensor
@@ -393,6 +435,8 @@ class DynamicsEnsemble(TensorDictModuleBase):
         *,
         kernel: str = "auto",
         grouped_kernel: str = "auto",
+        in_keys: Sequence[NestedKey] | None = None,
+        out_keys: Sequence[NestedKey] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
@@ -410,9 +454,9 @@ class DynamicsEnsemble(TensorDictModuleBase):
             raise ValueError(
                 f"min_log_var ({min_log_var}) must be smaller than max_log_var ({max_log_var})"
             )
-        if grouped_kernel not in ("auto", "padded", "loop"):
+        if grouped_kernel not in _GROUPED_KERNELS:
             raise ValueError(
-                f"grouped_kernel must be 'auto', 'padded' or 'loop', got {grouped_kernel!r}"
+                f"grouped_kernel must be one of {_GROUPED_KERNELS}, got {grouped_kernel!r}"
             )
         self.observation_dim = observation_dim
         self.action_dim = action_dim
@@ -422,10 +466,27 @@ class DynamicsEnsemble(TensorDictModuleBase):
         self.num_elites = num_elites
         self.grouped_kernel = grouped_kernel
         self.target_dim = observation_dim + int(self.predict_reward)
-        self.in_keys = ["observation", "action"]
-        self.out_keys = (
-            ["loc"] + (["scale"] if self.probabilistic else []) + (["reward"] if self.predict_reward else [])
-        )
+        n_out = 1 + int(self.probabilistic) + int(self.predict_reward)
+        if in_keys is None:
+            in_keys = ["observation", "action"]
+        if out_keys is None:
+            out_keys = (
+                ["loc"] + (["scale"] if self.probabilistic else []) + (["reward"] if self.predict_reward else [])
+            )
+        in_keys, out_keys = list(in_keys), list(out_keys)
+        if len(in_keys) != 2:
+            raise ValueError(f"in_keys must name the observation and the action (2 keys), got {in_keys!r}")
+        if len(out_keys) != n_out:
+            raise ValueError(
+                f"out_keys must have {n_out} entries (loc"
+                + (", scale" if self.probabilistic else "")
+                + (", reward" if self.predict_reward else "")
+                + f"), got {out_keys!r}"
+            )
+        self.in_keys = in_keys
+        self.out_keys = out_keys
+        # grouped_mm's 16-byte aligned weight copies: layer -> (data_ptr, version, copy)
+        self._gmm_cache: dict[int, tuple[int, int, torch.Tensor]] = {}
         self.input_normalizer = Normalizer(observation_dim + action_dim)
         self.target_normalizer = Normalizer(self.target_dim)
         self.network = EnsembleMLP(
@@ -465,6 +526,13 @@ class DynamicsEnsemble(TensorDictModuleBase):
             raise ValueError(
                 f"member_first inputs need {self.num_members} members in dim 0, got shape {tuple(observation.shape)}"
             )
+        dtype = self.network.layers[0].weight.dtype
+        for name, value in (("observation", observation), ("action", action)):
+            if value.dtype != dtype:
+                raise TypeError(
+                    f"{name} dtype {value.dtype} does not match the ensemble's {dtype}: cast the "
+                    f"inputs (e.g. wrap a gym env in DoubleToFloat) or convert the ensemble with .to({value.dtype})"
+                )
 
     # ------------------------------------------------------------------ normalised space
     def _bound_logvar(self, raw: torch.Tensor, max_logvar: torch.Tensor, min_logvar: torch.Tensor) -> torch.Tensor:
@@ -484,7 +552,12 @@ class DynamicsEnsemble(TensorDictModuleBase):
         return self.input_normalizer.normalize(torch.cat([observation, action], dim=-1))
 
     def forward_normalized(
-        self, observation: torch.Tensor, action: torch.Tensor, *, member_first: bool = False
+        self,
+        observation: torch.Tensor,
+        action: torch.Tensor,
+        *,
+        member_first: bool = False,
+        kernel: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean and log-variance of the normalised target, ``[E, *B, d_out]`` each.
 
@@ -494,6 +567,8 @@ class DynamicsEnsemble(TensorDictModuleBase):
 
         Keyword Args:
             member_first (bool, optional): whether inputs are per member. Defaults to ``False``.
+            kernel (str, optional): :class:`EnsembleMLP` kernel for this call (``"bmm"`` or
+                ``"loop"``); ``None`` uses the network's.
 
         Returns:
             ``(mean, log_var)``; ``log_var`` is ``None`` for a deterministic ensemble.
@@ -503,7 +578,7 @@ class DynamicsEnsemble(TensorDictModuleBase):
         E = self.num_members
         batch = x.shape[1:-1] if member_first else x.shape[:-1]
         x = x.reshape(E, -1, x.shape[-1]) if member_first else x.reshape(-1, x.shape[-1])
-        out = self.network(x, member_first=member_first)  # [E, N, d]
+        out = self.network(x, member_first=member_first, kernel=kernel)  # [E, N, d]
         mean, log_var = self._split_heads(out, self.max_logvar, self.min_logvar)
         mean = mean.reshape(E, *batch, self.target_dim)
         if log_var is not None:
@@ -590,6 +665,7 @@ class DynamicsEnsemble(TensorDictModuleBase):
         member_index: torch.Tensor | None = None,
         *,
         member_first: bool = False,
+        kernel: str | None = None,
     ) -> EnsemblePrediction:
         """Denormalised next-observation mean (obs + delta), std and reward mean.
 
@@ -597,43 +673,110 @@ class DynamicsEnsemble(TensorDictModuleBase):
             observation (torch.Tensor): ``[*B, obs_dim]`` (or ``[E, *B, obs_dim]`` with
                 ``member_first=True``).
             action (torch.Tensor): matching actions.
-            member_index (torch.LongTensor, optional): ``[*B]`` member used for each row. If
-                given, outputs are ``[*B, d]`` and each row is evaluated by its member only.
+            member_index (torch.LongTensor, optional): ``[*B]`` member used for each row, or a
+                0-d tensor: one member for every row. If given, outputs are ``[*B, d]`` and
+                each row is evaluated by its member only (see ``grouped_kernel``).
 
         Keyword Args:
             member_first (bool, optional): per-member inputs (without ``member_index``).
+            kernel (str, optional): :class:`EnsembleMLP` kernel (``"bmm"``/``"loop"``) of the
+                all-member evaluation (without ``member_index``); ``None`` uses the network's.
 
         Returns:
             :class:`EnsemblePrediction` with ``[E, *B, d]`` tensors (``[*B, d]`` with
             ``member_index``).
         """
         if member_index is None:
-            mean, log_var = self.forward_normalized(observation, action, member_first=member_first)
+            mean, log_var = self.forward_normalized(
+                observation, action, member_first=member_first, kernel=kernel
+            )
             return self._to_prediction(observation, mean, log_var)
         if member_first:
             raise ValueError("member_index cannot be combined with member_first=True")
         self._check_inputs(observation, action, False)
-        if member_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if member_index.dtype not in _INT_DTYPES:
             raise TypeError(f"member_index must be an integer tensor, got dtype {member_index.dtype}")
         batch = observation.shape[:-1]
-        if member_index.shape != batch:
+        if member_index.dim() != 0 and member_index.shape != batch:
             raise ValueError(
-                f"member_index shape {tuple(member_index.shape)} must equal the batch shape {tuple(batch)}"
+                f"member_index shape {tuple(member_index.shape)} must equal the batch shape "
+                f"{tuple(batch)} (or be 0-d: one member for every row)"
             )
-        x = self._net_input(observation, action).reshape(-1, self.observation_dim + self.action_dim)
-        idx = member_index.reshape(-1).long()
+        return self.member_predictor(observation.device)(observation, action, member_index.long())
+
+    def _resolve_grouped_kernel(self, device: torch.device) -> str:
         grouped = self.grouped_kernel
         if grouped == "auto":
-            grouped = "padded" if x.is_cuda else "loop"
-        if grouped == "padded":
-            out_rows = self._grouped_padded(x, idx)
-        else:
-            out_rows = self._grouped_loop(x, idx)
-        mean, log_var = out_rows
-        mean = mean.reshape(*batch, self.target_dim)
-        if log_var is not None:
-            log_var = log_var.reshape(*batch, self.target_dim)
-        return self._to_prediction(observation, mean, log_var)
+            if device.type != "cpu":
+                return "gather"
+            needs_grad = torch.is_grad_enabled() and self.network.layers[0].weight.requires_grad
+            # grouped_mm has no CPU backward: a differentiable call uses the member loop
+            return "grouped_mm" if _HAS_GROUPED_MM and not needs_grad else "loop"
+        return grouped
+
+    def forward_members(
+        self, x: torch.Tensor, member_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised-space mean and log-variance of each row under its own member.
+
+        Args:
+            x (torch.Tensor): normalised network input ``[N, obs_dim + act_dim]``.
+            member_index (torch.LongTensor): ``[N]`` member of each row, or 0-d (one member
+                for every row).
+
+        Returns:
+            ``(mean [N, d_out], log_var [N, d_out] or None)``, evaluated with
+            ``grouped_kernel`` (see the class docstring).
+
+        Examples:
+            >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+            >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(8,), probabilistic=True)
+            >>> x, idx = torch.randn(6, 5), torch.tensor([3, 0, 0, 2, 1, 3])
+            >>> with torch.no_grad():
+            ...     mean, log_var = model.forward_members(x, idx)
+            ...     full, _ = model.network(x, member_first=False).chunk(2, -1)
+            >>> torch.allclose(mean, full[idx, torch.arange(6)], atol=1e-6)
+            True
+        """
+        return self.member_predictor(x.device).forward(x, member_index)
+
+    def member_predictor(self, device: torch.device | str | None = None) -> MemberPredictor:
+        """``predict(observation, action, member_index)`` with the ensemble's tensors bound once.
+
+        :meth:`predict` with ``member_index`` builds one per call; a loop calling it many
+        times (a model rollout) builds it once, saving the per-call attribute lookups. The
+        kernel (``grouped_kernel``, resolved for ``device`` and the current grad mode) and the
+        aligned weight copies of ``"grouped_mm"`` are fixed when it is built: build a new one
+        after the parameters change. It performs the same operations as :meth:`predict`, so
+        the results are identical.
+
+        Args:
+            device (torch.device, optional): device of the inputs. Defaults to the parameters'.
+
+        Returns:
+            a :class:`MemberPredictor`.
+
+        Examples:
+            >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+            >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(8,))
+            >>> obs, act, idx = torch.randn(6, 3), torch.randn(6, 2), torch.randint(4, (6,))
+            >>> with torch.no_grad():
+            ...     step = model.member_predictor()
+            ...     torch.equal(step(obs, act, idx).loc, model.predict(obs, act, member_index=idx).loc)
+            True
+        """
+        weight = self.network.layers[0].weight
+        device = weight.device if device is None else torch.device(device)
+        kind = self._resolve_grouped_kernel(device)
+        if kind == "grouped_mm":
+            if not _HAS_GROUPED_MM:
+                raise RuntimeError("grouped_kernel='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.8)")
+            if torch.is_grad_enabled() and weight.requires_grad:
+                raise RuntimeError(
+                    "grouped_kernel='grouped_mm' is inference-only (no CPU backward): call it under "
+                    "torch.no_grad() or use grouped_kernel='auto' / 'loop' / 'gather'"
+                )
+        return MemberPredictor(self, kind, device)
 
     def _grouped_padded(
         self, x: torch.Tensor, idx: torch.Tensor
@@ -677,15 +820,26 @@ class DynamicsEnsemble(TensorDictModuleBase):
         return mean, self._bound_logvar(raw, self.max_logvar[idx, 0], self.min_logvar[idx, 0])
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Write ``"loc"`` ``[*B, E, obs_dim]`` (+ ``"scale"``, ``"reward"`` ``[*B, E, 1]``)."""
+        """Write ``out_keys``: loc ``[*B, E, obs_dim]`` (+ scale, reward ``[*B, E, 1]``).
+
+        Reads the observation and action from ``in_keys``; the outputs go to ``out_keys``
+        in the order loc [, scale] [, reward] (defaults ``"loc"``, ``"scale"``, ``"reward"``).
+        """
+        if len(self.in_keys) != 2:
+            raise ValueError(f"in_keys must name the observation and the action, got {self.in_keys!r}")
         observation = tensordict.get(self.in_keys[0])
         action = tensordict.get(self.in_keys[1])
         pred = self.predict(observation, action)
-        tensordict.set("loc", pred.loc.movedim(0, -2))
-        if pred.scale is not None:
-            tensordict.set("scale", pred.scale.movedim(0, -2))
-        if pred.reward is not None:
-            tensordict.set("reward", pred.reward.movedim(0, -2))
+        values = [pred.loc] + [v for v in (pred.scale, pred.reward) if v is not None]
+        if len(self.out_keys) != len(values):
+            raise ValueError(
+                f"out_keys {self.out_keys!r} must have {len(values)} entries (loc"
+                + (", scale" if pred.scale is not None else "")
+                + (", reward" if pred.reward is not None else "")
+                + ")"
+            )
+        for key, value in zip(self.out_keys, values):
+            tensordict.set(key, value.movedim(0, -2))
         return tensordict
 
     # ------------------------------------------------------------------ elites
@@ -707,3 +861,178 @@ class DynamicsEnsemble(TensorDictModuleBase):
         elites = torch.topk(losses, self.num_elites, largest=False).indices.sort().values
         self.elite_indices.copy_(elites.to(self.elite_indices.device))
         return self.elite_indices
+
+
+def _activation_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The functional form of a standard activation module (same values, no module call)."""
+    kind = type(module)
+    if kind is nn.ReLU:
+        return torch.relu
+    if kind is nn.SiLU:
+        return F.silu
+    if kind is nn.Tanh:
+        return torch.tanh
+    return module
+
+
+def _gmm_weight(ensemble: DynamicsEnsemble, position: int, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with rows at a 16-byte multiple stride, as ``grouped_mm`` reads them.
+
+    A weight whose ``out_features`` is not a multiple of 16 bytes is copied into padded storage
+    (viewed back at its true shape) and cached until the parameter changes (its version counter
+    moves at every in-place update, its data pointer when it is replaced).
+    """
+    align = 16 // weight.element_size()
+    if weight.stride(-1) == 1 and weight.stride(-2) % align == 0:
+        return weight
+    entry = ensemble._gmm_cache.get(position)
+    if entry is not None and entry[0] == weight.data_ptr() and entry[1] == weight._version:
+        return entry[2]
+    width = weight.shape[-1]
+    with torch.no_grad():
+        padded = F.pad(weight.detach(), (0, (-width) % align))[..., :width]
+    ensemble._gmm_cache[position] = (weight.data_ptr(), weight._version, padded)
+    return padded
+
+
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    align = 16 // x.element_size()
+    if x.stride(-1) == 1 and x.stride(0) % align == 0:
+        return x
+    width = x.shape[-1]
+    return F.pad(x, (0, (-width) % align))[:, :width]
+
+
+class MemberPredictor:
+    """Per-row member evaluation of a :class:`DynamicsEnsemble` (see
+    :meth:`DynamicsEnsemble.member_predictor`); ``__call__`` has the signature of
+    ``predict(observation, action, member_index)``.
+
+    Kernels: a 0-d ``member_index`` runs one ``addmm`` per layer on the member's weight
+    slices (a view on CPU, read with ``torch.narrow`` from host memory; an ``index_select``
+    copy elsewhere, so the index never travels to the host); ``"grouped_mm"`` sorts the rows by
+    member and runs one :func:`torch.nn.functional.grouped_mm` per layer; ``"gather"``
+    evaluates every member on every row (one ``baddbmm`` per layer) and gathers; ``"padded"`` /
+    ``"loop"`` use :class:`DynamicsEnsemble`'s packed block / member loop.
+
+    Args:
+        ensemble (DynamicsEnsemble): the ensemble.
+        kind (str): resolved kernel, ``"grouped_mm"``, ``"gather"``, ``"padded"`` or ``"loop"``.
+        device (torch.device): device of the inputs.
+
+    Examples:
+        >>> from torchrl_depeff.modules.ensemble import DynamicsEnsemble, MemberPredictor
+        >>> model = DynamicsEnsemble(3, 2, num_members=4, num_cells=(8,), probabilistic=True)
+        >>> with torch.no_grad():
+        ...     pred = MemberPredictor(model, "grouped_mm", torch.device("cpu"))(
+        ...         torch.randn(5, 3), torch.randn(5, 2), torch.tensor(1))
+        >>> pred.loc.shape, pred.scale.shape
+        (torch.Size([5, 3]), torch.Size([5, 3]))
+    """
+
+    __slots__ = (
+        "ensemble", "kind", "weights", "biases", "aligned", "acts", "in_loc", "in_scale", "t_loc",
+        "t_scale", "obs_dim", "probabilistic", "predict_reward", "max_logvar", "min_logvar", "members",
+        "on_cpu", "inplace",
+    )
+
+    def __init__(self, ensemble: DynamicsEnsemble, kind: str, device: torch.device) -> None:
+        net = ensemble.network
+        self.ensemble = ensemble
+        self.kind = kind
+        self.weights = [layer.weight for layer in net.layers]
+        self.biases = [layer.bias[:, 0] for layer in net.layers]  # [E, out]
+        self.aligned = (
+            [_gmm_weight(ensemble, i, w) for i, w in enumerate(self.weights)] if kind == "grouped_mm" else None
+        )
+        self.acts = [_activation_fn(a) for a in net.activations]
+        self.in_loc, self.in_scale = ensemble.input_normalizer.loc, ensemble.input_normalizer.scale
+        self.t_loc, self.t_scale = ensemble.target_normalizer.loc, ensemble.target_normalizer.scale
+        self.obs_dim = ensemble.observation_dim
+        self.probabilistic = ensemble.probabilistic
+        self.predict_reward = ensemble.predict_reward
+        self.max_logvar = ensemble.max_logvar[:, 0] if ensemble.probabilistic else None  # [E, d]
+        self.min_logvar = ensemble.min_logvar[:, 0] if ensemble.probabilistic else None
+        self.members = torch.arange(ensemble.num_members, device=device)
+        self.on_cpu = torch.device(device).type == "cpu"
+        self.inplace = not torch.is_grad_enabled()
+
+    def _slice(self, t: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+        # t[member] for a 0-d index without a device synchronisation
+        if self.on_cpu:
+            return torch.narrow(t, 0, member, 1)[0]
+        return t.index_select(0, member.view(1))[0]
+
+    def _split(self, h: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.probabilistic:
+            return h, None
+        mean, raw = h.chunk(2, dim=-1)
+        if member.dim() == 0:
+            hi, lo = self._slice(self.max_logvar, member), self._slice(self.min_logvar, member)
+        else:
+            hi, lo = self.max_logvar.index_select(0, member), self.min_logvar.index_select(0, member)
+        return mean, self.ensemble._bound_logvar(raw, hi, lo)
+
+    def _act(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        act = self.acts[i]
+        if self.inplace and act is torch.relu:
+            return h.relu_()
+        return act(h)
+
+    def forward(self, x: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised mean and log-variance ``[N, d_out]`` of rows ``x`` ``[N, in]``."""
+        if member.dim() == 0 and self.kind in ("grouped_mm", "gather"):
+            h = x
+            if self.on_cpu:
+                narrow = torch.narrow
+                for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                    if i:
+                        h = self._act(i - 1, h)
+                    h = torch.addmm(narrow(b, 0, member, 1)[0], h, narrow(w, 0, member, 1)[0])
+            else:
+                sel = member.view(1)
+                for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                    if i:
+                        h = self._act(i - 1, h)
+                    h = torch.addmm(b.index_select(0, sel)[0], h, w.index_select(0, sel)[0])
+            return self._split(h, member)
+        if member.dim() == 0:
+            member = member.expand(x.shape[0])
+        if self.kind == "grouped_mm":
+            # MoE-style grouped GEMM: rows sorted by member, offs[e] = end of member e's rows
+            sorted_idx, perm = torch.sort(member, stable=True)
+            offs = torch.searchsorted(sorted_idx, self.members, right=True).to(torch.int32)
+            h = x.index_select(0, perm)
+            for i, (w, b) in enumerate(zip(self.aligned, self.biases)):
+                if i:
+                    h = self._act(i - 1, h)
+                h = F.grouped_mm(_aligned_rows(h), w, offs=offs)
+                h = h.add_(b.index_select(0, sorted_idx)) if self.inplace else h + b.index_select(0, sorted_idx)
+            # back to the input row order
+            h = torch.empty_like(h).index_copy_(0, perm, h)
+            return self._split(h, member)
+        if self.kind == "gather":
+            out = self.ensemble.network(x, member_first=False, kernel="bmm")  # [E, N, d]
+            return self._split(out.gather(0, member.view(1, -1, 1).expand(1, *out.shape[1:]))[0], member)
+        if self.kind == "padded":
+            return self.ensemble._grouped_padded(x, member)
+        return self.ensemble._grouped_loop(x, member)
+
+    def __call__(self, observation: torch.Tensor, action: torch.Tensor, member_index: torch.Tensor) -> EnsemblePrediction:
+        """``predict(observation, action, member_index=member_index)`` (no input checks)."""
+        batch = observation.shape[:-1]
+        x = (torch.cat([observation, action], dim=-1) - self.in_loc) / self.in_scale  # input normaliser
+        x = x.reshape(-1, x.shape[-1])
+        mean, log_var = self.forward(x, member_index if member_index.dim() == 0 else member_index.reshape(-1))
+        if len(batch) != 1:
+            mean = mean.reshape(*batch, mean.shape[-1])
+            log_var = log_var.reshape(*batch, log_var.shape[-1]) if log_var is not None else None
+        # DynamicsEnsemble._to_prediction with the bound tensors
+        target = mean * self.t_scale + self.t_loc
+        d = self.obs_dim
+        loc = observation + target[..., :d]
+        reward = target[..., d:] if self.predict_reward else None
+        scale = None
+        if log_var is not None:
+            scale = (torch.exp(0.5 * log_var) * self.t_scale)[..., :d]
+        return EnsemblePrediction(loc, scale, reward)
