@@ -27,7 +27,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl._utils import logger as torchrl_logger
-from torchrl.envs import EnvBase, TransformedEnv
+from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.utils import ValueEstimators
 
@@ -546,7 +546,14 @@ class ImaginaryTRPO:
         if start_states is None:
             start_states = self.start_state_pool(loop)
         uncertainty = {"none": (), "mopo": ("ensemble_std",), "morel": ("disagreement",)}[imag.penalty]
+        penalty = None
+        if imag.penalty == "mopo":
+            penalty = SoftUncertaintyPenalty(imag.mopo_coef, uncertainty_key="model_ensemble_std")
+        elif imag.penalty == "morel":
+            penalty = HardUncertaintyPenalty(imag.morel_threshold, imag.morel_reward)
         real = self.real_env if isinstance(self.real_env, EnvBase) else self.make_env(self.task.name)
+        # the App. E penalty is fused into the env's step (same numbers as the TransformedEnv
+        # wrapper, and the env keeps its fast rollout loop)
         env: EnvBase = EnsembleModelEnv.from_env(
             real,
             self.ensemble,
@@ -556,13 +563,10 @@ class ImaginaryTRPO:
             member_selection=imag.member_selection,
             max_episode_steps=imag.rollout_length,
             uncertainty=uncertainty,
+            penalty=penalty,
             device=self.device,
             generator=self.model_generator,
         )
-        if imag.penalty == "mopo":
-            env = TransformedEnv(env, SoftUncertaintyPenalty(imag.mopo_coef, uncertainty_key="model_ensemble_std"))
-        elif imag.penalty == "morel":
-            env = TransformedEnv(env, HardUncertaintyPenalty(imag.morel_threshold, imag.morel_reward))
         self.model_env = env
         return env
 
@@ -647,8 +651,7 @@ class ImaginaryTRPO:
         finally:
             if bar is not None:
                 bar.close()
-        env = self.model_env.base_env if isinstance(self.model_env, TransformedEnv) else self.model_env
-        last["model/invalid_predictions"] = float(int(env.num_invalid))
+        last["model/invalid_predictions"] = float(int(self.model_env.num_invalid))
         return last
 
     def end_deployment(self, loop: Any) -> None:

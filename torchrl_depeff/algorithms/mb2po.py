@@ -675,7 +675,7 @@ class ConservativeFinetuning:
             storage=LazyTensorStorage(f.retain_iterations * self.rows_per_iteration, device=device)
         )
         self.real_buffer: TensorDictReplayBuffer | None = None
-        self.model_env: TransformedEnv | None = None
+        self.model_env: EnsembleModelEnv | None = None
         self.generator = torch.Generator(device=device).manual_seed(config.seed + 1)
         self.iteration = 0
         self.include_model_buffer = True
@@ -691,7 +691,7 @@ class ConservativeFinetuning:
         if self.model_env is None:
             self.make_model_env(loop)
 
-    def make_model_env(self, loop: Any) -> TransformedEnv:
+    def make_model_env(self, loop: Any) -> EnsembleModelEnv:
         """The conservative MDP of MB2PO Alg. 1 / eq. (3) over the ensemble's elites."""
         f = self.config.finetune
         o, a = self.ensemble.observation_dim, self.ensemble.action_dim
@@ -707,11 +707,13 @@ class ConservativeFinetuning:
             max_episode_steps=f.horizon,
             uncertainty=(f.penalty_uncertainty,),
             elites_only=True,
+            # MB2PO Alg. 1 / eq. (3): r~ = r - lambda * max_i ||Sigma_i||_F (see finetune.penalty_uncertainty),
+            # fused into the step (the env keeps its fast rollout loop)
+            penalty=SoftUncertaintyPenalty(f.penalty_coef, UNCERTAINTY_KEYS[f.penalty_uncertainty]),
             device=self.device,
             generator=self.generator,
         )
-        # MB2PO Alg. 1 / eq. (3): r~ = r - lambda * max_i ||Sigma_i||_F (see finetune.penalty_uncertainty)
-        self.model_env = TransformedEnv(base, SoftUncertaintyPenalty(f.penalty_coef, UNCERTAINTY_KEYS[f.penalty_uncertainty]))
+        self.model_env = base
         return self.model_env
 
     def collect_model_rollouts(self, loop: Any) -> TensorDict:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from torchrl_depeff.envs import rewards
-from torchrl_depeff.envs.model_env import EnsembleModelEnv, MEMBER_SELECTIONS, UNCERTAINTY_KEYS
+from torchrl_depeff.envs.model_env import ACTION_BOUNDS, EnsembleModelEnv, MEMBER_SELECTIONS, model_rollout, UNCERTAINTY_KEYS
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.envs.tasks import get_task, make_env, TASK_NAMES, TaskReward, TaskSpec
 from torchrl_depeff.envs.vector import AUTORESET_MODES, make_vector_env, NativeVectorEnv
@@ -15,6 +15,8 @@ from torchrl_depeff.envs.vmas_task import (
 )
 
 __all__ = [
+    "ACTION_BOUNDS",
+    "model_rollout",
     "AUTORESET_MODES",
     "EnsembleModelEnv",
     "HardUncertaintyPenalty",

@@ -20,6 +20,7 @@ from torchrl_depeff.modules.ensemble import (
     EnsembleLinear,
     EnsembleMLP,
     EnsemblePrediction,
+    MemberPredictor,
 )
 from torchrl_depeff.modules.labeler import (
     bc_weights,
@@ -39,6 +40,7 @@ __all__ = [
     "EnsembleLinear",
     "EnsembleMLP",
     "EnsemblePrediction",
+    "MemberPredictor",
     "ExplorationUncertainty",
     "GMMPolicyNet",
     "GaussianActionNoise",
