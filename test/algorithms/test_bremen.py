@@ -418,3 +418,41 @@ def test_vector_env_deployment(tmp_path):
     m = algo.deployment_step()
     assert len(algo.buffers) == B and math.isfinite(m["train/imaginary_return"])
     assert algo.improver.start_state_pool(algo).shape[0] >= 4
+
+
+class TestObservationNormalisation:
+    def test_bc_sets_the_statistics_and_the_learner_copies_them(self, tmp_path):
+        algo = BREMEN(tiny({"policy.normalize_observations": True, "deployment.num_deployments": 1}), data_root=tmp_path)
+        algo.collect()
+        algo.fit_model()
+        algo.pretrain()
+        data = algo.buffers.as_tensordict("latest")["observation"]
+        net = algo.policy_net
+        torch.testing.assert_close(net.obs_loc, data.mean(0))
+        torch.testing.assert_close(net.obs_scale, data.std(0).clamp_min(1e-6))
+        torch.testing.assert_close(algo.bc_actor.module[0].module.obs_loc, net.obs_loc)
+        # the policy reads normalised inputs: the same action as its MLP on (s - mean) / std
+        s = data[:5]
+        with torch.no_grad():
+            expected = torch.tanh(net.mean_net((s - data.mean(0)) / data.std(0).clamp_min(1e-6)))
+            torch.testing.assert_close(net(s)[0], expected)
+        m = algo.optimize_policy()
+        assert math.isfinite(m["train/imaginary_return"])
+
+    def test_analytic_fisher_accounts_for_the_normaliser(self):
+        from torchrl_depeff.modules.actors import GaussianPolicyNet
+        from torchrl_depeff.optim.fisher import double_backward_fvp, mlp_gaussian_fvp
+
+        torch.manual_seed(0)
+        net = GaussianPolicyNet(4, 2, num_cells=(8,), learn_sigma=True, normalize_observations=True).double()
+        obs = torch.randn(64, 4, dtype=torch.float64) * 5 + 3
+        net.set_observation_stats(obs)
+        params = [p for p in net.parameters()]
+        fvp = mlp_gaussian_fvp(net, obs, params)
+        assert fvp is not None
+        loc0, scale0 = (t.detach() for t in net(obs))
+        loc, scale = net(obs)
+        kl = (torch.log(scale / scale0) + (scale0 ** 2 + (loc0 - loc) ** 2) / (2 * scale ** 2) - 0.5).sum(-1).mean()
+        ref = double_backward_fvp(kl, params)
+        v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+        torch.testing.assert_close(fvp(v), ref(v))

@@ -370,7 +370,7 @@ class BREMENConfig(ConfigBase):
         return make_gaussian_actor(
             task.observation_dim, task.action_dim, num_cells=p.num_cells, sigma=p.sigma,
             learn_sigma=p.learn_sigma if learn_sigma is None else learn_sigma,
-            activation=ACTIVATION_MODULES[p.activation],
+            activation=ACTIVATION_MODULES[p.activation], normalize_observations=p.normalize_observations,
         )
 
     def make_ensemble(self, model: ModelConfig | None = None) -> DynamicsEnsemble:

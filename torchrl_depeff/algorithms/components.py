@@ -412,6 +412,13 @@ class BehaviourCloning:
         if self.weighting is not None:
             data, weight_key, out = self.weighting(loop, data)
         bc = self.make_actor().to(loop.device)
+        bc_net = bc.module[0].module
+        if getattr(bc_net, "normalize_observations", False):
+            # input statistics of the data BC clones (the reference code normalises policy inputs)
+            bc_net.set_observation_stats(data["observation"])
+            learner = loop.actor.module[0].module
+            if not self.reinit and bool((learner.obs_scale == 1).all() and (learner.obs_loc == 0).all()):
+                learner.set_observation_stats(data["observation"])  # no re-init: set once, then kept
         info = train_bc(bc, data, loss_type="mse", weight_key=weight_key, seed=self.seed + loop.deployment,
                         **self.fit_kwargs)
         bc.module[0].module.set_sigma(self.sigma)

@@ -381,18 +381,23 @@ class PolicyConfig(Section):
         activation (str): hidden activation. Defaults to ``"relu"`` (the reference configs').
         sigma (float): stationary noise std (App. F.2). Defaults to 0.1.
         learn_sigma (bool): learned state-independent std instead. Defaults to ``False``.
+        normalize_observations (bool): normalise the policy's inputs with the mean and std of the
+            behaviour-cloning data, refreshed at every BC re-initialisation (BREMEN's reference
+            code normalises policy inputs; the paper does not mention it). Defaults to ``False``.
     """
 
     num_cells: tuple[int, ...] = (200, 200)
     activation: str = "relu"
     sigma: float = 0.1
     learn_sigma: bool = False
+    normalize_observations: bool = False
 
     def _check(self, prefix: str) -> None:
         self.num_cells = check_cells(self.num_cells, _path(prefix, "num_cells"))
         check_choice(self.activation, _path(prefix, "activation"), ACTIVATIONS)
         check_float(self.sigma, _path(prefix, "sigma"), gt=0)
         check_bool(self.learn_sigma, _path(prefix, "learn_sigma"))
+        check_bool(self.normalize_observations, _path(prefix, "normalize_observations"))
 
 
 @dataclass

@@ -53,6 +53,10 @@ class GaussianPolicyNet(nn.Module):
         activation (type[nn.Module]): hidden activation class. Defaults to ``nn.Tanh``.
         sigma (float): initial (or fixed) standard deviation, ``> 0``. Defaults to ``0.1``.
         learn_sigma (bool): make the log-std a parameter. Defaults to ``False``.
+        normalize_observations (bool): feed ``(s - obs_loc) / obs_scale`` to the MLP, with the two
+            statistics as buffers (identity until :meth:`set_observation_stats`), as BREMEN's
+            reference code normalises policy inputs with the data's statistics. Defaults to ``False``
+            (the state dict then has no such buffers).
 
     Examples:
         >>> from torchrl_depeff.modules.actors import GaussianPolicyNet
@@ -70,6 +74,7 @@ class GaussianPolicyNet(nn.Module):
         activation: type[nn.Module] = nn.Tanh,
         sigma: float = 0.1,
         learn_sigma: bool = False,
+        normalize_observations: bool = False,
     ) -> None:
         super().__init__()
         if observation_dim < 1 or action_dim < 1:
@@ -87,9 +92,38 @@ class GaussianPolicyNet(nn.Module):
             self.log_std = nn.Parameter(log_std)
         else:
             self.register_buffer("log_std", log_std)
+        self.normalize_observations = bool(normalize_observations)
+        if self.normalize_observations:
+            self.register_buffer("obs_loc", torch.zeros(observation_dim))
+            self.register_buffer("obs_scale", torch.ones(observation_dim))
+
+    def normalize_inputs(self, observation: torch.Tensor) -> torch.Tensor:
+        """The MLP's input: ``observation`` itself, or ``(s - obs_loc) / obs_scale`` when normalising."""
+        if not self.normalize_observations:
+            return observation
+        return (observation - self.obs_loc) / self.obs_scale
+
+    @torch.no_grad()
+    def set_observation_stats(self, observations: torch.Tensor, *, min_scale: float = 1e-6) -> None:
+        """Set the input normaliser to the mean and std of ``observations`` ``[N, obs]``.
+
+        Examples:
+            >>> from torchrl_depeff.modules.actors import GaussianPolicyNet
+            >>> net = GaussianPolicyNet(2, 1, num_cells=(4,), normalize_observations=True)
+            >>> net.set_observation_stats(torch.tensor([[1.0, 10.0], [3.0, 30.0]]))
+            >>> net.normalize_inputs(torch.tensor([[2.0, 20.0]])).tolist()
+            [[0.0, 0.0]]
+        """
+        if not self.normalize_observations:
+            raise RuntimeError("this policy network was built with normalize_observations=False")
+        x = observations.reshape(-1, self.observation_dim)
+        if x.shape[0] < 2 or not bool(torch.isfinite(x).all()):
+            raise ValueError(f"observation statistics need >= 2 finite rows, got shape {list(x.shape)}")
+        self.obs_loc.copy_(x.mean(0))
+        self.obs_scale.copy_(x.std(0).clamp_min(min_scale))
 
     def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = torch.tanh(self.mean_net(observation))  # BREMEN App. F.1: tanh(mu(s))
+        loc = torch.tanh(self.mean_net(self.normalize_inputs(observation)))  # BREMEN App. F.1: tanh(mu(s))
         scale = self.log_std.exp().expand_as(loc)
         return loc, scale
 
@@ -140,6 +174,9 @@ class GaussianPolicyNet(nn.Module):
                 f"{ {k: tuple(v.shape) for k, v in dst_state.items()} }"
             )
         self.mean_net.load_state_dict(src_state)
+        if isinstance(bc_net, GaussianPolicyNet) and self.normalize_observations and bc_net.normalize_observations:
+            self.obs_loc.copy_(bc_net.obs_loc)
+            self.obs_scale.copy_(bc_net.obs_scale)
 
 
 def make_gaussian_actor(
@@ -151,6 +188,7 @@ def make_gaussian_actor(
     learn_sigma: bool = False,
     activation: type[nn.Module] = nn.Tanh,
     action_spec=None,
+    normalize_observations: bool = False,
 ) -> ProbabilisticActor:
     """BREMEN's Gaussian policy as a :class:`~torchrl.modules.ProbabilisticActor`.
 
@@ -171,6 +209,7 @@ def make_gaussian_actor(
         learn_sigma (bool): learn a state-independent log-std. Defaults to ``False``.
         activation (type[nn.Module]): hidden activation. Defaults to ``nn.Tanh``.
         action_spec (TensorSpec, optional): stored on the actor as its spec (not used to clip).
+        normalize_observations (bool): normalise the inputs (see :class:`GaussianPolicyNet`).
 
     Examples:
         >>> from torchrl_depeff.modules.actors import GaussianPolicyNet, make_gaussian_actor
@@ -186,7 +225,7 @@ def make_gaussian_actor(
     """
     net = GaussianPolicyNet(
         observation_dim, action_dim, num_cells=num_cells, activation=activation,
-        sigma=sigma, learn_sigma=learn_sigma,
+        sigma=sigma, learn_sigma=learn_sigma, normalize_observations=normalize_observations,
     )
     module = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
     return ProbabilisticActor(

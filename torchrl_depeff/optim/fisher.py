@@ -264,7 +264,7 @@ def mlp_gaussian_fvp(
     if any(id(p) not in known for p in params):
         return None
 
-    x = observation.reshape(-1, observation.shape[-1]).to(linears[0].weight.dtype)
+    x = net.normalize_inputs(observation.reshape(-1, observation.shape[-1])).to(linears[0].weight.dtype)
     n = x.shape[0]
     with torch.no_grad():
         inputs, slopes = [x], []
