@@ -17,6 +17,7 @@ CLAIMS = {
     "bremen_table1": ({"BREMEN", "BC", "ME-TRPO"}, 2, 1),
     "musbo_sec5": ({"MUSBO", "MUSBO-no-exploration", "BREMEN"}, 2, 2),
     "mb2po_table1": ({"AWAC+MB2PO", "AWAC"}, 2, 1),
+    "bremen_fidelity": ({"BREMEN", "BREMEN-sigma1", "BREMEN-obsnorm"}, 1, 2),
 }
 
 

@@ -25,8 +25,7 @@ COMPARISONS = [("BREMEN", "ME-TRPO"), ("BREMEN", "BC"), ("BREMEN", "explicit-KL"
 #: the scale of the committed result (as large as 2 cores finish in about 40 minutes for 5 seeds,
 #: two runs at a time) and the smoke scale; applied over the "quick" preset of each task
 SCALES = {
-    "full": {"deployment.num_deployments": 4, "deployment.size": 3000, "trpo.iterations": 40,
-             "evaluation.episodes": 2},
+    "full": {},  # the quick preset itself: 5 deployments x 4000 transitions, 60 TRPO iterations each
     "quick": {"deployment.num_deployments": 2, "deployment.size": 300, "deployment.frames_per_batch": 100,
               "trpo.iterations": 2, "trpo.batch_size": 200, "imagination.rollout_length": 10,
               "model.num_members": 2, "model.num_cells": (16,), "model.max_epochs": 2, "policy.num_cells": (8,),

@@ -28,7 +28,7 @@ SCALES = {
     "full": {
         "behaviour": {"deployment.num_deployments": 2, "deployment.size": 4000, "trpo.iterations": 40},
         "dataset_size": 50_000,
-        "offline": {"trpo.iterations": 150, "evaluation.episodes": 2},
+        "offline": {"trpo.iterations": 200, "model.max_epochs": 30, "bc.data": "all"},
     },
     "quick": {
         "behaviour": {"deployment.num_deployments": 1},

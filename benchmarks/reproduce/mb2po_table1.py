@@ -26,7 +26,8 @@ SCALES = {
     "full": {
         "behaviour": {"deployment.num_deployments": 3, "deployment.size": 4000, "trpo.iterations": 60},
         "dataset_size": 50_000,
-        "mb2po": {"awac.pretrain_steps": 3000, "finetune.iterations": 10, "evaluation.every_pretrain_steps": 3000},
+        "mb2po": {"awac.pretrain_steps": 10_000, "finetune.iterations": 20, "evaluation.every_pretrain_steps": 10_000,
+                  "evaluation.every_iterations": 20, "evaluation.episodes": 2},
         "sweep": [{"model.max_epochs": 15, "finetune.penalty_coef": 1.0},
                   {"model.max_epochs": 60, "finetune.penalty_coef": 1.0},
                   {"model.max_epochs": 60, "finetune.penalty_coef": 0.25}],

@@ -17,8 +17,7 @@ COMPARISONS = [("MUSBO", "BREMEN"), ("MUSBO", "MUSBO-no-exploration")]
 
 #: shared by the three algorithms (over their "quick" presets): same deployments, samples, TRPO budget
 SCALES = {
-    "full": {"deployment.num_deployments": 4, "deployment.size": 3000, "trpo.iterations": 40,
-             "evaluation.episodes": 2},
+    "full": {"deployment.num_deployments": 4},  # the quick presets, 4 deployments x 4000 transitions
     "quick": {"deployment.num_deployments": 2, "deployment.size": 300, "deployment.frames_per_batch": 100,
               "trpo.iterations": 2, "trpo.batch_size": 200, "imagination.rollout_length": 10,
               "model.num_members": 2, "model.num_cells": (16,), "model.max_epochs": 2, "policy.num_cells": (8,),

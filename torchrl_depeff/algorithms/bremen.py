@@ -138,7 +138,9 @@ _OTHER_PAPER_TASKS: dict[str, dict[str, Any]] = {
 #: preset of the task.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "deployment.size": 4000, "deployment.num_deployments": 5, "trpo.iterations": 60,
+        # 4 HalfCheetah sub-envs of 1000 steps each: the same 4 episodes per deployment as one env,
+        # collected about 3x faster (DESIGN.md: deploy across a batch of environments)
+        "deployment.size": 4000, "deployment.num_deployments": 5, "deployment.num_envs": 4, "trpo.iterations": 60,
         "imagination.rollout_length": 100, "trpo.batch_size": 5000, "model.num_cells": (200, 200),
         "policy.num_cells": (64, 64), "model.max_epochs": 50, "model.batch_size": 256,
         "evaluation.episodes": 2, "log_interval": 20, "checkpoint_interval": 20,
