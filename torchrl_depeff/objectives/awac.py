@@ -16,6 +16,8 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import dispatch, TensorDictModule, TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
+
+from torchrl_depeff.objectives._keys import LazyKeys
 from torchrl.objectives.utils import _vmap_func, dispatch_value_estimator, ValueEstimators
 
 __all__ = ["AWACLoss"]
@@ -38,7 +40,7 @@ def _check_number(name: str, value: Any) -> float:
     return float(value)
 
 
-class AWACLoss(LossModule):
+class AWACLoss(LazyKeys, LossModule):
     r"""AWAC actor and clipped double-Q critic losses.
 
     Actor (MB2PO eq. 9, AWAC eq. 12):
@@ -299,25 +301,8 @@ class AWACLoss(LossModule):
         keys += [("next", key) for key in obs]
         self._in_keys = list(dict.fromkeys(keys))
 
-    @property
-    def in_keys(self) -> list[NestedKey]:
-        if self._in_keys is None:
-            self._set_in_keys()
-        return self._in_keys
-
-    @in_keys.setter
-    def in_keys(self, values: list[NestedKey]) -> None:
-        self._in_keys = values
-
-    @property
-    def out_keys(self) -> list[NestedKey]:
-        if self._out_keys is None:
-            self._out_keys = list(self._DEFAULT_OUT_KEYS)
-        return self._out_keys
-
-    @out_keys.setter
-    def out_keys(self, values: list[NestedKey]) -> None:
-        self._out_keys = values
+    def _default_out_keys(self) -> list[NestedKey]:
+        return list(self._DEFAULT_OUT_KEYS)
 
     def _estimator_keys(self) -> dict[str, NestedKey]:
         k = self.tensor_keys

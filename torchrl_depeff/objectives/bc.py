@@ -21,6 +21,8 @@ from tensordict.utils import NestedKey
 from torchrl._utils import logger as torchrl_logger
 from torchrl.objectives.common import LossModule
 
+from torchrl_depeff.objectives._keys import LazyKeys
+
 __all__ = ["BCLoss", "WeightedBCLoss", "train_bc"]
 
 _LOSS_TYPES = ("mse", "log_prob")
@@ -34,7 +36,7 @@ def _get(td: TensorDictBase, key: NestedKey) -> torch.Tensor:
     return value
 
 
-class WeightedBCLoss(LossModule):
+class WeightedBCLoss(LazyKeys, LossModule):
     r"""(Weighted) behaviour-cloning loss (BREMEN eq. (3), MUSBO eq. (11)).
 
     ``loss_type="mse"`` is BREMEN eq. (3), :math:`\tfrac12\|a_t - \mu_\beta(s_t)\|_2^2` summed over
@@ -146,25 +148,8 @@ class WeightedBCLoss(LossModule):
             keys.append(self.tensor_keys.weight)
         self._in_keys = list(dict.fromkeys(keys))
 
-    @property
-    def in_keys(self) -> list[NestedKey]:
-        if self._in_keys is None:
-            self._set_in_keys()
-        return self._in_keys
-
-    @in_keys.setter
-    def in_keys(self, values: list[NestedKey]) -> None:
-        self._in_keys = values
-
-    @property
-    def out_keys(self) -> list[NestedKey]:
-        if self._out_keys is None:
-            self._out_keys = [self._loss_key, "mse"]
-        return self._out_keys
-
-    @out_keys.setter
-    def out_keys(self, values: list[NestedKey]) -> None:
-        self._out_keys = values
+    def _default_out_keys(self) -> list[NestedKey]:
+        return [self._loss_key, "mse"]
 
     def _forward_value_estimator_keys(self, **kwargs: Any) -> None:
         self._in_keys = None  # no value estimator; the keys feed in_keys

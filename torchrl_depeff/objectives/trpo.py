@@ -31,6 +31,7 @@ from torchrl_depeff.modules.distributions import (
     policy_kl,
 )
 from torchrl_depeff.optim.fisher import double_backward_fvp, gauss_newton_fvp, mlp_gaussian_fvp
+from torchrl_depeff.objectives._keys import LazyKeys
 
 __all__ = ["TRPOLoss", "trpo_step", "KL_TO_REFERENCE_MODES"]
 
@@ -55,7 +56,7 @@ def _squeeze_feature(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return x
 
 
-class TRPOLoss(LossModule):
+class TRPOLoss(LazyKeys, LossModule):
     r"""TRPO surrogate objective, KL trust region and BREMEN's explicit-KL ablation.
 
     Presented in TRPO (https://arxiv.org/abs/1502.05477) and used by BREMEN
@@ -341,36 +342,19 @@ class TRPOLoss(LossModule):
             keys.append(("next", k.reward))
         self._in_keys = list(dict.fromkeys(keys))
 
-    @property
-    def in_keys(self) -> list[NestedKey]:
-        if self._in_keys is None:
-            self._set_in_keys()
-        return self._in_keys
-
-    @in_keys.setter
-    def in_keys(self, values: list[NestedKey]) -> None:
-        self._in_keys = values
-
-    @property
-    def out_keys(self) -> list[NestedKey]:
-        if self._out_keys is None:
-            keys: list[NestedKey] = ["loss_objective", "kl", "kl_approx", "ESS", "ess", "entropy"]
-            if self._has_entropy:
-                keys.append("loss_entropy")
-            if self._has_critic_loss:
-                keys.append("loss_critic")
-            if self._has_kl_reference:
-                if self.kl_to_reference_mode == "surrogate":
-                    keys.append("loss_kl_reference")
-                keys.append("kl_reference")
-            if self.tensor_keys.sample_weight is not None:
-                keys.append(self._weight_diagnostic_key())
-            self._out_keys = keys
-        return self._out_keys
-
-    @out_keys.setter
-    def out_keys(self, values: list[NestedKey]) -> None:
-        self._out_keys = values
+    def _default_out_keys(self) -> list[NestedKey]:
+        keys: list[NestedKey] = ["loss_objective", "kl", "kl_approx", "ESS", "ess", "entropy"]
+        if self._has_entropy:
+            keys.append("loss_entropy")
+        if self._has_critic_loss:
+            keys.append("loss_critic")
+        if self._has_kl_reference:
+            if self.kl_to_reference_mode == "surrogate":
+                keys.append("loss_kl_reference")
+            keys.append("kl_reference")
+        if self.tensor_keys.sample_weight is not None:
+            keys.append(self._weight_diagnostic_key())
+        return keys
 
     def _weight_diagnostic_key(self) -> str:
         key = self.tensor_keys.sample_weight
