@@ -42,6 +42,27 @@ def _auto_cpu_kernel(in_features: int, out_features: int) -> str:
     return "loop" if in_features * out_features >= _CPU_LOOP_MIN_WEIGHTS else "bmm"
 
 
+def _split_members(
+    x: torch.Tensor, num_members: int, in_features: int, member_first: bool | None, owner: str
+) -> tuple[bool, torch.Size, torch.Tensor]:
+    """``(member_first, batch, x2)``: ``x2`` is ``[E, N, in]`` (member-first input) or ``[N, in]``.
+
+    A ``[E, *B, in]`` input is member-first when ``member_first`` says so, or by default when its
+    leading dim is ``E`` and it has at least 3 dims; otherwise ``[*B, in]`` is shared by all members.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{owner} expected last dim {in_features}, got shape {tuple(x.shape)}")
+    if member_first is None:
+        member_first = x.dim() >= 3 and x.shape[0] == num_members
+    if member_first:
+        if x.shape[0] != num_members:
+            raise ValueError(
+                f"per-member input must have {num_members} members in dim 0, got shape {tuple(x.shape)}"
+            )
+        return True, x.shape[1:-1], x.reshape(num_members, -1, in_features)
+    return False, x.shape[:-1], x.reshape(-1, in_features)
+
+
 class EnsembleLinear(nn.Module):
     """``E`` independent affine maps ``y_e = x_e W_e + b_e`` evaluated together.
 
@@ -144,23 +165,8 @@ class EnsembleLinear(nn.Module):
         Returns:
             ``[E, *B, out]``.
         """
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"EnsembleLinear expected last dim {self.in_features}, got shape {tuple(x.shape)}"
-            )
         E = self.num_members
-        if member_first is None:
-            member_first = x.dim() >= 3 and x.shape[0] == E
-        if member_first:
-            if x.shape[0] != E:
-                raise ValueError(
-                    f"per-member input must have {E} members in dim 0, got shape {tuple(x.shape)}"
-                )
-            batch = x.shape[1:-1]
-            x2 = x.reshape(E, -1, self.in_features)
-        else:
-            batch = x.shape[:-1]
-            x2 = x.reshape(-1, self.in_features)
+        member_first, batch, x2 = _split_members(x, E, self.in_features, member_first, "EnsembleLinear")
         kernel = self._resolve_kernel(x) if kernel is None else kernel
         if kernel == "loop":
             # unbind (not weight[e]): its backward stacks the E slice gradients once instead
@@ -281,23 +287,8 @@ class EnsembleMLP(nn.Module):
         # "loop": each member runs its whole MLP on its own [N, d] activations, which stay
         # cache-sized, on unbound parameter slices (one stacked gradient per parameter).
         E = self.num_members
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"EnsembleMLP expected last dim {self.in_features}, got shape {tuple(x.shape)}"
-            )
-        if member_first is None:
-            member_first = x.dim() >= 3 and x.shape[0] == E
-        if member_first:
-            if x.shape[0] != E:
-                raise ValueError(
-                    f"per-member input must have {E} members in dim 0, got shape {tuple(x.shape)}"
-                )
-            batch = x.shape[1:-1]
-            xs = x.reshape(E, -1, self.in_features).unbind(0)
-        else:
-            batch = x.shape[:-1]
-            flat = x.reshape(-1, self.in_features)
-            xs = [flat] * E
+        member_first, batch, x2 = _split_members(x, E, self.in_features, member_first, "EnsembleMLP")
+        xs = x2.unbind(0) if member_first else [x2] * E
         weights = [layer.weight.unbind(0) for layer in self.layers]
         biases = [layer.bias.unbind(0) if layer.bias is not None else None for layer in self.layers]
         outs = []
