@@ -157,3 +157,14 @@ def test_gate_policy_without_outputs_named():
     silent = TensorDictModule(nn.Linear(OBS, ACT), ["observation"], ["mean_action"])
     with pytest.raises(KeyError, match="'action'"):
         gate.check(silent, None, TensorDict(observation=torch.randn(4, OBS), batch_size=[4]))
+
+
+def test_train_bc_on_empty_data_is_named():
+    from tensordict import TensorDict
+
+    from torchrl_depeff.modules import make_gaussian_actor
+    from torchrl_depeff.objectives import train_bc
+
+    empty = TensorDict({"observation": torch.zeros(0, 3), "action": torch.zeros(0, 2)}, [0])
+    with pytest.raises(ValueError, match=r"empty data \(batch_size=\[0\]\)"):
+        train_bc(make_gaussian_actor(3, 2, num_cells=(4,)), empty)

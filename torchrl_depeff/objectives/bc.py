@@ -312,10 +312,11 @@ def train_bc(
         )
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if data.batch_dims == 0 or data.batch_size.numel() == 0:
+        # (TensorDict.numel() is 1 for a [0] batch: check the batch size itself)
+        raise ValueError(f"train_bc got empty data (batch_size={list(data.batch_size)}): nothing to clone")
     data = data.reshape(-1)
     n = data.shape[0]
-    if n < 1:
-        raise ValueError("data is empty")
     fast_loss = WeightedBCLoss(actor, loss_type=loss_type, weight_key=weight_key)
     fast_loss.check_inputs(data)  # keys and finite values, once (one host sync)
     fast_loss(data[:1])  # shapes
