@@ -41,3 +41,56 @@ def test_quick_run(claim, tmp_path):
     # a rerun finds every job done and recomputes nothing
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 to run" in again.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# run_jobs: finished jobs are recognised by name *and* config fingerprint, and can be reused
+
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    """A job kind that records which seeds ran and returns one deployment's metrics."""
+    from benchmarks.reproduce import runners
+
+    ran = []
+
+    def fake(job, run_dir):
+        ran.append((job.algorithm, job.seed))
+        return [{"deployment/count": 1, "deployment/samples": 10, "eval/return_mean": float(job.config["x"])}], {}
+
+    monkeypatch.setitem(runners.RUNNERS, "fake", fake)
+    return ran
+
+
+def _jobs(x, algorithm="A", seeds=(0, 1)):
+    from benchmarks.reproduce.common import Job
+
+    return [Job("claim", algorithm, "task", s, "fake", {"x": x}) for s in seeds]
+
+
+def test_run_jobs_refuses_a_changed_config(fake_runner, tmp_path):
+    from benchmarks.reproduce.common import run_jobs
+
+    records = run_jobs(_jobs(1.0), tmp_path, parallel=1, log=lambda _: None)
+    assert [r["eval/return_mean"] for r in records] == [1.0, 1.0] and len(fake_runner) == 2
+    assert run_jobs(_jobs(1.0), tmp_path, parallel=1, log=lambda _: None) == records and len(fake_runner) == 2
+    with pytest.raises(ValueError, match=r"A-task-s0.*another config or scale"):
+        run_jobs(_jobs(2.0), tmp_path, parallel=1, log=lambda _: None)
+
+
+def test_run_jobs_reuses_only_identical_jobs_and_returns_only_its_own(fake_runner, tmp_path):
+    from benchmarks.reproduce.common import run_jobs
+
+    run_jobs(_jobs(1.0) + _jobs(5.0, algorithm="B"), tmp_path / "other", parallel=1, log=lambda _: None)
+    fake_runner.clear()
+    # A (same config) is copied, B is not asked for, C runs
+    records = run_jobs(_jobs(1.0) + _jobs(3.0, algorithm="C"), tmp_path / "mine", parallel=1,
+                       reuse=tmp_path / "other", log=lambda _: None)
+    assert fake_runner == [("C", 0), ("C", 1)]
+    assert sorted({r["algorithm"] for r in records}) == ["A", "C"]
+    assert all(r["reused_from"] == str(tmp_path / "other") for r in records if r["algorithm"] == "A")
+    # a job of the same name but another config in the reused directory is run, not copied
+    fake_runner.clear()
+    records = run_jobs(_jobs(4.0, algorithm="B"), tmp_path / "third", parallel=1, reuse=tmp_path / "other",
+                       log=lambda _: None)
+    assert fake_runner == [("B", 0), ("B", 1)] and {r["eval/return_mean"] for r in records} == {4.0}

@@ -8,7 +8,7 @@ not say. Same seeds and samples for the three configurations on HalfCheetah:
 * ``BREMEN-sigma1`` (``bc.init_sigma = 1.0``: Alg. 1 line 6 as printed),
 * ``BREMEN-obsnorm`` (``policy.normalize_observations = True``).
 
-    python -m benchmarks.reproduce.bremen_fidelity --seeds 5
+    python -m benchmarks.reproduce.bremen_fidelity --seeds 5 --reuse runs/reproduce/bremen_fig2
     python -m benchmarks.reproduce.bremen_fidelity --quick
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
                 BREMENConfig.preset(task, "quick").override({**SCALES[scale], **setting, "seed": seed}).to_dict())
             for task in TASKS for seed in range(args.seeds) for name, setting in SETTINGS.items()]
     t0 = time.perf_counter()
-    records = run_jobs(jobs, out, parallel=args.jobs)
+    records = run_jobs(jobs, out, parallel=args.jobs, reuse=args.reuse)
     summary = summarize(records, comparisons=COMPARISONS)
     meta = {"scale": scale, "settings": SETTINGS, "seeds": args.seeds, "parallel_jobs": args.jobs,
             "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}

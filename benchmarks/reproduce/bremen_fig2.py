@@ -22,10 +22,12 @@ ALGORITHMS = {"BREMEN": "bremen", "ME-TRPO": "me_trpo", "BC": "recursive_bc", "e
 TASKS = ("halfcheetah", "hopper")
 COMPARISONS = [("BREMEN", "ME-TRPO"), ("BREMEN", "BC"), ("BREMEN", "explicit-KL")]
 
-#: the scale of the committed result (as large as 2 cores finish in about 40 minutes for 5 seeds,
-#: two runs at a time) and the smoke scale; applied over the "quick" preset of each task
+#: the scale of the committed result and the smoke scale, applied over the "quick" preset of each
+#: task. Full: the quick preset cut to 3 deployments x 4000 transitions (60 TRPO iterations of 5000
+#: imagined transitions each): one run takes about 2 minutes on one thread, the 40 runs about 45
+#: minutes two at a time (the 5 deployments of the quick preset itself took about 4 minutes a run).
 SCALES = {
-    "full": {},  # the quick preset itself: 5 deployments x 4000 transitions, 60 TRPO iterations each
+    "full": {"deployment.num_deployments": 3},
     "quick": {"deployment.num_deployments": 2, "deployment.size": 300, "deployment.frames_per_batch": 100,
               "trpo.iterations": 2, "trpo.batch_size": 200, "imagination.rollout_length": 10,
               "model.num_members": 2, "model.num_cells": (16,), "model.max_epochs": 2, "policy.num_cells": (8,),
@@ -44,7 +46,7 @@ def main() -> None:
     jobs = [Job(CLAIM, name, task, seed, "bremen", make_config(task, variant, scale, seed).to_dict())
             for task in TASKS for seed in range(args.seeds) for name, variant in ALGORITHMS.items()]
     t0 = time.perf_counter()
-    records = run_jobs(jobs, out, parallel=args.jobs)
+    records = run_jobs(jobs, out, parallel=args.jobs, reuse=args.reuse)
     summary = summarize(records, comparisons=COMPARISONS)
     meta = {"scale": scale, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in SCALES[scale].items()},
             "preset": "quick", "seeds": args.seeds, "parallel_jobs": args.jobs, "torch_threads": 1,

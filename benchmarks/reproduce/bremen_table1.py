@@ -59,7 +59,7 @@ def main() -> None:
                 cfg = base.override({**s["offline"], "mode": "offline", "seed": seed}).variant(variant)
                 jobs.append(Job(CLAIM, name, TASK, seed, "bremen_offline", cfg.to_dict(),
                                 {"dataset": str(data[noise]), "label": {"noise": noise}}))
-    records = run_jobs(jobs, out, parallel=args.jobs)
+    records = run_jobs(jobs, out, parallel=args.jobs, reuse=args.reuse)
     group = ("algorithm", "noise")
     summary = summarize(records, comparisons=COMPARISONS, group=group)
     meta = {"scale": scale, "behaviour_policy_eval_return": last.get("eval/return_mean"),

@@ -15,6 +15,7 @@ the same per deployment for the plot, and for each pairwise claim the probabilit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -54,6 +55,12 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def fingerprint(self) -> str:
+        """SHA-256 of what the job computes (kind, config, extra): a finished record is reused only if it matches."""
+        blob = json.dumps({"kind": self.kind, "config": self.config, "extra": self.extra}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
     def name(self) -> str:
         extra = "-".join(f"{k}{v}" for k, v in sorted(self.extra.get("label", {}).items()))
         return f"{self.algorithm}-{self.task}{'-' + extra if extra else ''}-s{self.seed}"
@@ -66,6 +73,8 @@ def parse_args(description: str, default_seeds: int = 5) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny scale, for the tests (not a result)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/reproduce/<claim>)")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="another claim's output directory: its finished jobs with the same name and config are reused")
     p.add_argument("--results", type=Path, default=None,
                    help="where the JSON/plot/markdown go (default: docs/results; --quick: the output directory)")
     args = p.parse_args()
@@ -106,18 +115,42 @@ def _worker(job: Job, run_dir: str, queue: Any) -> None:
         queue.put((job.name, None, traceback.format_exc()))
 
 
-def run_jobs(jobs: list[Job], out: Path, *, parallel: int = 2, log: Callable[[str], None] = print) -> list[dict]:
-    """Run every job not already in ``out/results.jsonl`` (``parallel`` at a time); return all records."""
+def _read(results: Path) -> list[dict]:
+    return [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+
+
+def run_jobs(jobs: list[Job], out: Path, *, parallel: int = 2, reuse: Path | None = None,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Run every job not already in ``out/results.jsonl`` (``parallel`` at a time); return the jobs' records.
+
+    A job counts as done when its name is in the file with the same :attr:`Job.fingerprint`; the
+    same name with another fingerprint (the claim's scale or config changed) is refused: remove the
+    output directory or use another ``--out``. ``reuse``: another claim's output directory whose
+    finished jobs with equal name and fingerprint are copied (tagged ``reused_from``) instead of
+    being run again, e.g. the BREMEN runs that two claims share.
+    """
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {json.loads(line)["job"] for line in results.read_text().splitlines()} if results.exists() else set()
+    wanted = {j.name: j.fingerprint for j in jobs}
+    stale = sorted({r["job"] for r in _read(results) if r["job"] in wanted and r.get("fingerprint") != wanted[r["job"]]})
+    if stale:
+        raise ValueError(f"{results} holds {stale} from another config or scale; remove {out} or use another --out")
+    if reuse is not None:
+        have = {r["job"] for r in _read(results)}
+        copied = [dict(r, reused_from=str(reuse)) for r in _read(Path(reuse) / "results.jsonl")
+                  if wanted.get(r["job"]) == r.get("fingerprint") and r["job"] not in have]
+        if copied:
+            with results.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in copied)
+            log(f"reused {len({r['job'] for r in copied})} finished jobs from {reuse}")
+    done = {r["job"] for r in _read(results)}
     todo = [j for j in jobs if j.name not in done]
     log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run, {parallel} at a time")
 
     def save(name: str, records: list[dict]) -> None:
         with results.open("a") as f:
             for rec in records:
-                f.write(json.dumps({"job": name, **rec}) + "\n")
+                f.write(json.dumps({"job": name, "fingerprint": wanted[name], **rec}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -127,7 +160,7 @@ def run_jobs(jobs: list[Job], out: Path, *, parallel: int = 2, log: Callable[[st
             start = time.perf_counter()
             save(job.name, _run_job(job, str(out / "runs" / job.name)))
             log(f"done {job.name} in {time.perf_counter() - start:.0f} s ({time.perf_counter() - t0:.0f} s elapsed)")
-        return [json.loads(line) for line in results.read_text().splitlines()]
+        return [r for r in _read(results) if r["job"] in wanted]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     running: dict[str, tuple[Any, float]] = {}
@@ -147,7 +180,7 @@ def run_jobs(jobs: list[Job], out: Path, *, parallel: int = 2, log: Callable[[st
             raise RuntimeError(f"job {name} failed:\n{error}")
         save(name, records)
         log(f"done {name} in {time.perf_counter() - start:.0f} s ({time.perf_counter() - t0:.0f} s elapsed)")
-    return [json.loads(line) for line in results.read_text().splitlines()]
+    return [r for r in _read(results) if r["job"] in wanted]
 
 
 # ====================================================================

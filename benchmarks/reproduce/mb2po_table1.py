@@ -62,7 +62,7 @@ def main() -> None:
             cfg = MB2POConfig.preset(TASK, "mixed", preset).override({**s["mb2po"], **setting, "seed": seed})
             jobs.append(Job(CLAIM, "AWAC+MB2PO", TASK, seed, "mb2po", cfg.to_dict(),
                             {"dataset": str(data), "label": _label(setting)}))
-    records = run_jobs(jobs, out, parallel=args.jobs)
+    records = run_jobs(jobs, out, parallel=args.jobs, reuse=args.reuse)
     # each run's AWAC-only score (end of pre-training) is its paired baseline
     paired = [dict(r, algorithm="AWAC", **{"eval/normalized_score": r["awac_score"]}) for r in records]
     group = ("algorithm", "epochs", "lam")

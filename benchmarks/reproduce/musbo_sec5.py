@@ -1,6 +1,6 @@
 """MUSBO sec. 5: MUSBO vs BREMEN at equal samples and deployments, plus MUSBO without eq. (22) exploration.
 
-    python -m benchmarks.reproduce.musbo_sec5 --seeds 5
+    python -m benchmarks.reproduce.musbo_sec5 --seeds 5 --reuse runs/reproduce/bremen_fig2
     python -m benchmarks.reproduce.musbo_sec5 --quick
 """
 from __future__ import annotations
@@ -17,7 +17,9 @@ COMPARISONS = [("MUSBO", "BREMEN"), ("MUSBO", "MUSBO-no-exploration")]
 
 #: shared by the three algorithms (over their "quick" presets): same deployments, samples, TRPO budget
 SCALES = {
-    "full": {"deployment.num_deployments": 4},  # the quick presets, 4 deployments x 4000 transitions
+    # the quick presets cut to 3 deployments x 4000 transitions: the scale of bremen_fig2, whose
+    # BREMEN runs are the same jobs (same config and seed; ``--reuse`` copies them)
+    "full": {"deployment.num_deployments": 3},
     "quick": {"deployment.num_deployments": 2, "deployment.size": 300, "deployment.frames_per_batch": 100,
               "trpo.iterations": 2, "trpo.batch_size": 200, "imagination.rollout_length": 10,
               "model.num_members": 2, "model.num_cells": (16,), "model.max_epochs": 2, "policy.num_cells": (8,),
@@ -40,7 +42,7 @@ def main() -> None:
                      Job(CLAIM, "MUSBO-no-exploration", task, seed, "musbo", musbo.variant("no_exploration").to_dict()),
                      Job(CLAIM, "BREMEN", task, seed, "bremen", bremen.to_dict())]
     t0 = time.perf_counter()
-    records = run_jobs(jobs, out, parallel=args.jobs)
+    records = run_jobs(jobs, out, parallel=args.jobs, reuse=args.reuse)
     summary = summarize(records, comparisons=COMPARISONS)
     meta = {"scale": scale, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in SCALES[scale].items()},
             "seeds": args.seeds, "parallel_jobs": args.jobs, "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
