@@ -38,6 +38,12 @@ def test_quick_run(claim, tmp_path):
     assert summary["meta"]["scale"] == "quick" and summary["poi"]
     for row in summary["final"]:
         assert row["ci_low"] <= row["iqm"] <= row["ci_high"] and row["seeds"] == 1
+    # the README table row is generated from the same JSON
+    from benchmarks.reproduce import report
+
+    row = report.table(tmp_path).splitlines()[2]
+    assert row.startswith(f"| {report.CLAIM_NAMES[claim]} |") and "seeds" in row
+    assert row.count("P(") == len(summary["poi"])
     # a rerun finds every job done and recomputes nothing
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 to run" in again.stdout

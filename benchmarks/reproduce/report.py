@@ -42,7 +42,7 @@ def _scale(claim: str, meta: dict[str, Any]) -> str:
     if claim == "mb2po_table1":
         return (f"{seeds}, {meta['dataset_size']} eps3 transitions around a BREMEN policy "
                 f"(eval {meta['behaviour_policy_eval_return']:.0f}), {meta['mb2po']['awac.pretrain_steps']} AWAC steps, "
-                f"{meta['mb2po']['finetune.iterations']} fine-tuning iterations")
+                f"{meta['mb2po'].get('finetune.iterations', 'preset')} fine-tuning iterations")
     return seeds
 
 
