@@ -142,6 +142,8 @@ def run_jobs(jobs: list[Job], out: Path, *, parallel: int = 2, reuse: Path | Non
         if copied:
             with results.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in copied)
+                f.flush()
+                os.fsync(f.fileno())  # as durable as the records of jobs run here
             log(f"reused {len({r['job'] for r in copied})} finished jobs from {reuse}")
     done = {r["job"] for r in _read(results)}
     todo = [j for j in jobs if j.name not in done]
