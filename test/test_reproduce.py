@@ -100,3 +100,66 @@ def test_run_jobs_reuses_only_identical_jobs_and_returns_only_its_own(fake_runne
     records = run_jobs(_jobs(4.0, algorithm="B"), tmp_path / "third", parallel=1, reuse=tmp_path / "other",
                        log=lambda _: None)
     assert fake_runner == [("B", 0), ("B", 1)] and {r["eval/return_mean"] for r in records} == {4.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# behaviour policies of the offline claims: trained to a return threshold, datasets tied to the checkpoint
+
+
+class _FakeBREMEN:
+    """Stands in for BREMEN: deployment ``k`` evaluates to ``returns[k]``; records every constructed run."""
+
+    returns = [10.0, 900.0, 1600.0, 2000.0]
+    built: list = []
+
+    def __init__(self, config, run_dir):
+        self.config, self.run_dir = config, run_dir
+        self.deployment, self.history = 0, []
+        _FakeBREMEN.built.append(self)
+
+    def deployment_step(self):
+        self.history.append({"eval/return_mean": self.returns[self.deployment],
+                             "deployment/samples": 100.0 * (self.deployment + 1)})
+        self.deployment += 1
+        (self.run_dir / "checkpoint.pt").write_bytes(f"policy {self.deployment}".encode())
+
+
+@pytest.mark.parametrize("threshold, max_deployments, deployments, reached", [
+    (1500.0, 10, 3, True),    # stops at the first deployment at or over the threshold
+    (5000.0, 2, 2, False),    # never reached: every allowed deployment, reported as not reached
+    (None, 4, 4, False),      # no threshold: every deployment
+])
+def test_trained_policy_stops_at_the_threshold(monkeypatch, tmp_path, threshold, max_deployments, deployments, reached):
+    from benchmarks.reproduce import behaviour
+    from torchrl_depeff.algorithms import BREMENConfig
+
+    monkeypatch.setattr(behaviour, "BREMEN", _FakeBREMEN)
+    _FakeBREMEN.built = []
+    cfg = BREMENConfig.preset("halfcheetah", "smoke").override({"seed": 1000})
+    ckpt, info = behaviour.trained_policy(tmp_path, cfg, threshold=threshold, max_deployments=max_deployments)
+    run = _FakeBREMEN.built[-1]
+    assert run.deployment == deployments == info["deployments"]
+    assert run.config.deployment.num_deployments == max_deployments
+    assert info["threshold_reached"] is reached
+    assert info["eval_return"] == _FakeBREMEN.returns[deployments - 1]
+    assert info["checkpoint_sha256"] == behaviour.file_sha256(ckpt) and ckpt.parent.parent == tmp_path
+    # another threshold is another run directory (a cached run is never reused for other settings)
+    behaviour.trained_policy(tmp_path, cfg, threshold=123.0, max_deployments=max_deployments)
+    assert _FakeBREMEN.built[-1].run_dir != run.run_dir
+
+
+def test_dataset_refuses_one_made_with_another_checkpoint(tmp_path):
+    from benchmarks.reproduce import behaviour
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"policy 1")
+    path = tmp_path / "eps1"
+    path.mkdir()
+    (path / "metadata.json").write_text("{}")
+    spec = {"checkpoint": str(ckpt), "checkpoint_sha256": behaviour.file_sha256(ckpt), "task": "halfcheetah",
+            "size": 10, "noise": "eps1", "seed": 0}
+    path.with_suffix(".spec.json").write_text(json.dumps(spec))
+    assert behaviour.dataset(path, ckpt, task="halfcheetah", size=10, noise="eps1", seed=0) == path  # cached
+    ckpt.write_bytes(b"policy 2")  # retrained behaviour policy, same path
+    with pytest.raises(ValueError, match="holds another dataset"):
+        behaviour.dataset(path, ckpt, task="halfcheetah", size=10, noise="eps1", seed=0)

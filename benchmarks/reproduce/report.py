@@ -31,17 +31,30 @@ CLAIM_NAMES = {"bremen_fig2": "BREMEN Fig. 2 / sec. 5.2", "bremen_table1": "BREM
                "musbo_sec5": "MUSBO sec. 5", "mb2po_table1": "MB2PO Table 1", "bremen_fidelity": "BREMEN fidelity"}
 
 
+def _behaviour(meta: dict[str, Any]) -> str:
+    """The behaviour policy in words: its return and how it was trained (threshold, deployments)."""
+    b = meta.get("behaviour") or {}
+    ret = f"eval {meta['behaviour_policy_eval_return']:.0f}"
+    if "deployments" not in b:
+        return f"a partially trained BREMEN policy ({ret})"
+    how = f"{b['deployments']} deployments, {b['samples']} samples"
+    if b.get("threshold") is None:
+        return f"a BREMEN policy after {how} ({ret})"
+    reached = "reached" if b["threshold_reached"] else "not reached"
+    return f"a BREMEN policy trained to eval >= {b['threshold']:.0f} ({reached}: {ret} after {how})"
+
+
 def _scale(claim: str, meta: dict[str, Any]) -> str:
     seeds = f"{meta['seeds']} seeds"
     if claim in ("bremen_fig2", "musbo_sec5", "bremen_fidelity"):
         n = meta.get("overrides", {}).get("deployment.num_deployments", 3)
         return f"{seeds}, quick preset cut to {n} deployments x 4000 transitions (60 TRPO iterations each)"
     if claim == "bremen_table1":
-        return (f"{seeds}, {meta['dataset_size']} transitions from a partially trained BREMEN policy "
-                f"(eval {meta['behaviour_policy_eval_return']:.0f}), {meta['offline']['trpo.iterations']} TRPO iterations")
+        return (f"{seeds}, {meta['dataset_size']} transitions from {_behaviour(meta)}, "
+                f"{meta['offline']['trpo.iterations']} TRPO iterations")
     if claim == "mb2po_table1":
-        return (f"{seeds}, {meta['dataset_size']} eps3 transitions around a BREMEN policy "
-                f"(eval {meta['behaviour_policy_eval_return']:.0f}), {meta['mb2po']['awac.pretrain_steps']} AWAC steps, "
+        return (f"{seeds}, {meta['dataset_size']} eps3 transitions around {_behaviour(meta)}, "
+                f"{meta['mb2po']['awac.pretrain_steps']} AWAC steps, "
                 f"{meta['mb2po'].get('finetune.iterations', 'preset')} fine-tuning iterations")
     return seeds
 
