@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +39,34 @@ def test_quick_run(claim, tmp_path):
     assert summary["meta"]["scale"] == "quick" and summary["poi"]
     for row in summary["final"]:
         assert row["ci_low"] <= row["iqm"] <= row["ci_high"] and row["seeds"] == 1
+    if claim == "bremen_table1":  # evaluated during TRPO: k = 0, 1 and the end (2 iterations)
+        ks = {(c["algorithm"], c["iteration"]) for c in summary["iteration_curves"]}
+        assert ks == {(a, k) for a in ("BREMEN", "ME-TRPO") for k in (0, 1, 2)}
     # the README table row is generated from the same JSON
     from benchmarks.reproduce import report
 
     row = report.table(tmp_path).splitlines()[2]
     assert row.startswith(f"| {report.CLAIM_NAMES[claim]} |") and "seeds" in row
     assert row.count("P(") == len(summary["poi"])
+    assert ("IQM after k TRPO iterations: BREMEN eps1" in row) == (claim == "bremen_table1")
     # a rerun finds every job done and recomputes nothing
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 to run" in again.stdout
+
+
+def test_iteration_curves_are_the_iqm_per_iteration_ending_with_the_final_evaluation():
+    from benchmarks.reproduce.common import iteration_curves
+    from torchrl_depeff.stats import iqm
+
+    rows = [{"algorithm": "A", "seed": s, "deployment": 1, "curve/eval_return_it0": float(s),
+             "curve/eval_return_it10": 10.0 + s, "eval/return_mean": 100.0 * (s + 1)} for s in range(5)]
+    rows.append({"algorithm": "BC", "seed": 0, "deployment": 1, "eval/return_mean": 7.0})  # no curve: left out
+    rows.append({"algorithm": "A", "seed": 0, "deployment": 0, "curve/eval_return_it0": -1e9})  # not the last record
+    curves = iteration_curves(rows, iterations=20, group=("algorithm",), reps=200)
+    assert [(c["algorithm"], c["iteration"], c["seeds"]) for c in curves] == [("A", 0, 5), ("A", 10, 5), ("A", 20, 5)]
+    expected = [iqm(np.arange(5.0)), iqm(10.0 + np.arange(5.0)), iqm(100.0 * np.arange(1, 6.0))]
+    assert [c["iqm"] for c in curves] == pytest.approx(expected)
+    assert all(c["ci_low"] <= c["iqm"] <= c["ci_high"] for c in curves)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def plot_returns(history: Sequence[Mapping[str, float]], deployment_size: int, p
         ax.axvline(s - deployment_size, color="k", linestyle=":", linewidth=0.8)
     ax.set_xlabel("real transitions")
     ax.set_ylabel("return")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)  # long run names fit the 6-inch figure
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(path))

@@ -32,13 +32,14 @@ SCALES = {
         # 1 500 the run peaked at 1 337 after 6 deployments, then fell to 165 at the 10th)
         "behaviour": {"threshold": 1000.0, "max_deployments": 10},
         "dataset_size": 50_000,
-        "offline": {"trpo.iterations": 200, "model.max_epochs": 30, "bc.data": "all"},
+        # evaluated every 20 TRPO iterations as well: the return against iterations (Fig. 14's axes)
+        "offline": {"trpo.iterations": 200, "model.max_epochs": 30, "bc.data": "all", "evaluation.every_iterations": 20},
     },
     "quick": {
         "behaviour": {"threshold": None, "max_deployments": 1},
         "dataset_size": 300,
         "offline": {"trpo.iterations": 2, "deployment.size": 300, "imagination.rollout_length": 10,
-                    "trpo.batch_size": 200},
+                    "trpo.batch_size": 200, "evaluation.every_iterations": 1},
     },
 }
 
@@ -66,7 +67,7 @@ def main() -> None:
                                  "label": {"noise": noise}}))
     records = run_jobs(jobs, out, parallel=args.jobs, reuse=args.reuse)
     group = ("algorithm", "noise")
-    summary = summarize(records, comparisons=COMPARISONS, group=group)
+    summary = summarize(records, comparisons=COMPARISONS, group=group, iterations=s["offline"]["trpo.iterations"])
     meta = {"scale": scale, "behaviour_policy_eval_return": beh["eval_return"], "behaviour": beh,
             "dataset_size": s["dataset_size"], "offline": s["offline"], "seeds": args.seeds,
             "parallel_jobs": args.jobs, "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}

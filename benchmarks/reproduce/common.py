@@ -10,7 +10,9 @@ skips finished ones (their lines are already in the file).
 Aggregation (:func:`summarize`): for every algorithm and task, the interquartile mean over seeds
 of the final evaluation return with a 95 % stratified-bootstrap CI (:mod:`torchrl_depeff.stats`),
 the same per deployment for the plot, and for each pairwise claim the probability of improvement
-(averaged over tasks) with its CI. Results go to ``docs/results/<claim>.{json,md,png}``.
+(averaged over tasks) with its CI. Offline claims (one "deployment") that evaluate during policy
+optimisation (``evaluation.every_iterations``) also get the IQM per iteration, BREMEN Fig. 14's
+axes, and plot that instead. Results go to ``docs/results/<claim>.{json,md,png}``.
 """
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ from torchrl_depeff.stats import interval_estimate, iqm, poi_interval_estimate
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 
-__all__ = ["Job", "parse_args", "run_jobs", "summarize", "write_results"]
+__all__ = ["CURVE_PREFIX", "Job", "iteration_curves", "parse_args", "run_jobs", "summarize", "write_results"]
+
+#: per-iteration evaluations of the optimize phase (``evaluation.every_iterations``)
+CURVE_PREFIX = "curve/eval_return_it"
 
 
 @dataclass
@@ -210,6 +215,37 @@ def final_scores(records: list[dict], metric: str, group: tuple[str, ...] = ("al
     return out
 
 
+def iteration_curves(records: list[dict], *, iterations: int, metric: str = "eval/return_mean",
+                     group: tuple[str, ...] = ("algorithm", "task"), reps: int = 1000) -> list[dict[str, Any]]:
+    """IQM [95 % CI] over seeds of the return after ``k`` policy-optimisation iterations, per group.
+
+    ``k`` runs over the ``curve/eval_return_it{k}`` keys of each seed's last record and ends with
+    ``k = iterations``, that record's ``metric`` (the evaluation after the phase). Groups whose
+    records have no curve keys are left out.
+    """
+    out = []
+    for key, rows in _group(records, group).items():
+        last: dict[int, dict] = {}
+        for r in rows:
+            if r["seed"] not in last or r["deployment"] > last[r["seed"]]["deployment"]:
+                last[r["seed"]] = r
+        points: dict[int, list[float]] = {}
+        for r in last.values():
+            ks = {int(k[len(CURVE_PREFIX):]): v for k, v in r.items() if k.startswith(CURVE_PREFIX) and v is not None}
+            if not ks:
+                continue
+            if r.get(metric) is not None:
+                ks[int(iterations)] = r[metric]
+            for k, v in ks.items():
+                points.setdefault(k, []).append(v)
+        for k in sorted(points):
+            x = np.array(points[k], dtype=np.float64)
+            point, low, high = interval_estimate(x, iqm, reps=reps)
+            out.append({**dict(zip(group, key)), "iteration": k, "iqm": point, "ci_low": low, "ci_high": high,
+                        "seeds": int(x.size)})
+    return sorted(out, key=lambda c: ([str(c[g]) for g in group], c["iteration"]))
+
+
 def summarize(
     records: list[dict],
     *,
@@ -217,8 +253,12 @@ def summarize(
     comparisons: list[tuple[str, str]] = (),
     group: tuple[str, ...] = ("algorithm", "task"),
     reps: int = 2000,
+    iterations: int | None = None,
 ) -> dict[str, Any]:
-    """IQM [95 % CI] of the final ``metric`` per group, per-deployment curves and pairwise POIs."""
+    """IQM [95 % CI] of the final ``metric`` per group, per-deployment curves and pairwise POIs.
+
+    With ``iterations`` (the optimize phase's length), also :func:`iteration_curves`.
+    """
     finals = final_scores(records, metric, group)
     table = []
     for key, x in sorted(finals.items(), key=lambda kv: [str(v) for v in kv[0]]):
@@ -244,7 +284,11 @@ def summarize(
         B = np.stack([v[:n] for v in xb], 1)
         point, low, high = poi_interval_estimate(A, B, reps=reps)
         pois.append({"x": a, "y": b, "tasks": tasks, "poi": point, "ci_low": low, "ci_high": high, "seeds": n})
-    return {"metric": metric, "final": table, "curves": curves, "poi": pois}
+    out = {"metric": metric, "final": table, "curves": curves, "poi": pois}
+    if iterations is not None:
+        out["iteration_curves"] = iteration_curves(records, iterations=iterations, metric=metric, group=group,
+                                                   reps=min(reps, 1000))
+    return out
 
 
 def verdict(poi: dict[str, Any]) -> str:
@@ -263,6 +307,8 @@ def plot(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if summary.get("iteration_curves"):
+        return plot_iterations(summary, path, title, group)
     curves = summary["curves"]
     panels = sorted({c.get("task") for c in curves}, key=str)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -286,6 +332,40 @@ def plot(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...]
     return atomic_write_bytes(buffer.getvalue(), path)
 
 
+def plot_iterations(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...]) -> Path:
+    """IQM (95 % CI band) of the return against policy-optimisation iterations, one panel per value of ``group[1:]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = summary["iteration_curves"]
+    panel_keys = group[1:]
+    panels = sorted({tuple(c[g] for g in panel_keys) for c in curves}, key=str)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        rows = [c for c in curves if tuple(c[g] for g in panel_keys) == panel]
+        for label in sorted({c[group[0]] for c in rows}, key=str):
+            pts = sorted((c["iteration"], c["iqm"], c["ci_low"], c["ci_high"]) for c in rows if c[group[0]] == label)
+            xs, ys, lo, hi = map(list, zip(*pts))
+            ax.plot(xs, ys, "o-", label=str(label))
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+        # groups without policy iterations (the BC baseline): their final IQM as a dashed line
+        for row in summary["final"]:
+            if tuple(row[g] for g in panel_keys) == panel and row[group[0]] not in {c[group[0]] for c in rows}:
+                ax.axhline(row["iqm"], ls="--", color="gray", label=f"{row[group[0]]} (no policy iterations)")
+        ax.set_title(" ".join(f"{g} {v}" for g, v in zip(panel_keys, panel)))
+        ax.set_xlabel("policy-optimisation iterations")
+        ax.set_ylabel(summary["metric"] + " (IQM, 95 % CI)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(buffer.getvalue(), path)
+
+
 def markdown(summary: dict[str, Any], group: tuple[str, ...] = ("algorithm", "task")) -> str:
     """Tables of the final IQMs and of the pairwise probabilities of improvement."""
     lines = ["| " + " | ".join(group) + " | IQM [95 % CI] | mean | seeds |", "|" + "---|" * (len(group) + 3)]
@@ -297,6 +377,16 @@ def markdown(summary: dict[str, Any], group: tuple[str, ...] = ("algorithm", "ta
         for p in summary["poi"]:
             lines.append(f"| {p['x']} > {p['y']} | {p['poi']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}] | "
                          f"{p['seeds']} | {verdict(p)} |")
+    curves = summary.get("iteration_curves") or []
+    if curves:
+        ks = sorted({c["iteration"] for c in curves})
+        lines += ["", "IQM of the evaluation return after k policy-optimisation iterations (k = 0: before the first):",
+                  "", "| " + " | ".join(group) + " | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|" + "---|" * (len(group) + len(ks))]
+        for label in sorted({tuple(c[g] for g in group) for c in curves}, key=str):
+            at = {c["iteration"]: c["iqm"] for c in curves if tuple(c[g] for g in group) == label}
+            lines.append("| " + " | ".join(str(v) for v in label) + " | "
+                         + " | ".join(f"{at[k]:.0f}" if k in at else "" for k in ks) + " |")
     return "\n".join(lines)
 
 

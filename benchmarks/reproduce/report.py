@@ -69,6 +69,19 @@ def _ours(summary: dict[str, Any]) -> str:
     return "; ".join(cells)
 
 
+def _iterations(summary: dict[str, Any]) -> str:
+    """Where the return goes during policy optimisation (``iteration_curves``): start, best and end IQM."""
+    curves = summary.get("iteration_curves") or []
+    keys = [k for k in (curves[0] if curves else {}) if k not in ("iteration", "iqm", "ci_low", "ci_high", "seeds")]
+    cells = []
+    for label in sorted({tuple(c[k] for k in keys) for c in curves}, key=str):
+        pts = sorted((c["iteration"], c["iqm"]) for c in curves if tuple(c[k] for k in keys) == label)
+        best = max(pts, key=lambda kv: kv[1])
+        cells.append(f"{' '.join(str(v) for v in label)} {pts[0][1]:.0f} (k={pts[0][0]}), "
+                     f"{best[1]:.0f} (k={best[0]}, highest), {pts[-1][1]:.0f} (k={pts[-1][0]})")
+    return ("; IQM after k TRPO iterations: " + "; ".join(cells)) if cells else ""
+
+
 def _verdicts(summary: dict[str, Any]) -> str:
     return "; ".join(f"P({p['x']} > {p['y']}) = {p['poi']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]: {verdict(p)}"
                      for p in summary["poi"])
@@ -83,7 +96,7 @@ def table(results: Path = RESULTS) -> str:
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
-        lines.append(f"| {name} | {PAPER[claim]} | {_ours(summary)} | {_scale(claim, summary['meta'])} | "
+        lines.append(f"| {name} | {PAPER[claim]} | {_ours(summary)}{_iterations(summary)} | {_scale(claim, summary['meta'])} | "
                      f"{_verdicts(summary)} |")
     return "\n".join(lines)
 

@@ -353,6 +353,54 @@ class TestOfflineRuns:
         with pytest.raises(ValueError, match="fingerprint"):
             fresh.collect()
 
+    def test_evaluation_during_trpo(self, tmp_path, dataset):
+        """``evaluation.every_iterations``: the Fig. 14 curve is the policy after exactly k TRPO steps."""
+        cfg = tiny({"trpo.iterations": 4, "evaluation.every_iterations": 2}, mode="offline")
+        h = BREMEN(cfg, run_dir=tmp_path / "curve", dataset=dataset).run()[0]
+        curve = {k: v for k, v in h.items() if k.startswith("curve/")}
+        assert sorted(curve) == ["curve/eval_return_it0", "curve/eval_return_it2"]
+        # k = 0 is the BC re-initialised policy: the BC baseline's evaluation (same BC seed)
+        bc = BREMEN(tiny({"trpo.iterations": 4}, mode="offline").variant("recursive_bc"), run_dir=tmp_path / "bc",
+                    dataset=dataset).run()[0]
+        assert curve["curve/eval_return_it0"] == bc["eval/return_mean"]
+        # k = 2 is the policy after two steps: the final evaluation of a 2-iteration run
+        two = BREMEN(tiny({"trpo.iterations": 2}, mode="offline"), run_dir=tmp_path / "two", dataset=dataset).run()[0]
+        assert curve["curve/eval_return_it2"] == two["eval/return_mean"]
+        assert two["eval/return_mean"] != curve["curve/eval_return_it0"]  # the steps changed the policy
+        # evaluating during the phase changes nothing else (no RNG drawn, same TRPO steps)
+        plain = BREMEN(tiny({"trpo.iterations": 4}, mode="offline"), run_dir=tmp_path / "plain", dataset=dataset).run()[0]
+        assert _strip_time(plain) == {k: v for k, v in _strip_time(h).items() if not k.startswith("curve/")}
+
+    def test_evaluation_during_trpo_resumes(self, tmp_path, dataset, monkeypatch):
+        from torchrl_depeff.algorithms.components import ImaginaryTRPO
+
+        cfg = tiny({"trpo.iterations": 4, "evaluation.every_iterations": 1, "checkpoint_interval": 1}, mode="offline")
+        ref = BREMEN(cfg, run_dir=tmp_path / "ref", dataset=dataset).run()[0]
+        iterate = ImaginaryTRPO.iterate
+
+        class Crash(Exception):
+            pass
+
+        def crash_at_3(self, loop, loss, optim):
+            if self.iteration == 3:
+                raise Crash
+            return iterate(self, loop, loss, optim)
+
+        monkeypatch.setattr(ImaginaryTRPO, "iterate", crash_at_3)
+        with pytest.raises(Crash):
+            BREMEN(cfg, run_dir=tmp_path / "run", dataset=dataset).run()
+        monkeypatch.setattr(ImaginaryTRPO, "iterate", iterate)
+        resumed = BREMEN(cfg, run_dir=tmp_path / "run", dataset=dataset)
+        # the checkpoint after step 3 holds k = 0..2; k = 3 is evaluated again after the resume
+        assert sorted(resumed.improver.curve) == [0, 1, 2] and resumed.improver.iteration == 3
+        assert _strip_time(resumed.run()[0]) == _strip_time(ref)
+
+    def test_evaluation_during_trpo_needs_episodes(self):
+        with pytest.raises(ValueError, match=r"evaluation.every_iterations=2 needs evaluation.episodes > 0"):
+            tiny({"evaluation.every_iterations": 2, "evaluation.episodes": 0})
+        with pytest.raises(ValueError, match="every_iterations must be an int >= 1, got 0"):
+            tiny({"evaluation.every_iterations": 0})
+
     def test_mode_mismatch_refused(self, tmp_path, dataset):
         BREMEN(tiny({"deployment.num_deployments": 1}), run_dir=tmp_path).run()
         # an offline run on the directory of a finished Alg. 1 run: the config differs in mode

@@ -30,6 +30,8 @@ Choices where the paper is silent or ambiguous (each is a :class:`BREMENConfig` 
   GAE bootstraps with the baseline at truncation (TorchRL's GAE; rllab used 0).
 * **Evaluation** uses the policy mean (no noise), ``evaluation.episodes`` episodes with fixed
   seeds in a separate env instance; evaluation episodes are not deployments.
+  ``evaluation.every_iterations`` also evaluates during the TRPO phase (``curve/eval_return_it{k}``,
+  the axes of the offline Fig. 14).
 * **Gate**: finite parameters and in-bounds mean actions on dataset states are checked before
   every deployment after the first; a KL bound (``deployment.gate_max_kl``) is off by default
   because the paper does not bound the distance between deployed policies.
@@ -553,7 +555,7 @@ class BREMEN(DeploymentLoop):
                     explicit_kl_mode=cfg.trpo.explicit_kl_mode),
                 rollout_labeller=rollout_labeller, batch_metrics=batch_metrics, seed=cfg.seed,
                 log_interval=cfg.log_interval, checkpoint_interval=cfg.checkpoint_interval, make_env=make_env,
-                device=device,
+                device=device, eval_every=cfg.evaluation.every_iterations,
             )
         evaluator = RealEnvEvaluation(
             (lambda: eval_env) if eval_env is not None else functools.partial(make_env, cfg.task),

@@ -496,6 +496,10 @@ class ImaginaryTRPO:
         seed (int): seed of the model env's generator (``seed + 1``) and of reset pools.
         log_interval (int), checkpoint_interval (int): in iterations.
         make_env (Callable[[str], EnvBase]): real-env factory (``start_states="reset"``).
+        eval_every (int, optional): evaluate the policy with the loop's evaluator before
+            iterations ``0, n, 2n, ...`` of the phase and return the values as
+            ``curve/eval_return_it{k}`` (real-env episodes, not deployments; deterministic policy,
+            so the imaginary batches and the TRPO steps are the same as without). ``None``: never.
     """
 
     def __init__(
@@ -514,7 +518,12 @@ class ImaginaryTRPO:
         checkpoint_interval: int = 100,
         make_env: Callable[[str], EnvBase] | None = None,
         device: torch.device | str = "cpu",
+        eval_every: int | None = None,
     ) -> None:
+        if eval_every is not None and (not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1):
+            raise ValueError(f"eval_every must be None or an int >= 1, got {eval_every!r}")
+        self.eval_every = eval_every
+        self.curve: dict[int, float] = {}
         self.task = task
         self.ensemble = ensemble
         self.trpo = trpo
@@ -633,6 +642,8 @@ class ImaginaryTRPO:
         last: dict[str, float] = {}
         try:
             while self.iteration < total:
+                if self.eval_every is not None and self.iteration % self.eval_every == 0 and self.iteration not in self.curve:
+                    self.evaluate_during(loop)
                 stats = self.iterate(loop, loss, optim)
                 window.append(stats)
                 self.iteration += 1
@@ -659,11 +670,23 @@ class ImaginaryTRPO:
             if bar is not None:
                 bar.close()
         last["model/invalid_predictions"] = float(int(self.model_env.num_invalid))
+        last.update({f"curve/eval_return_it{k}": v for k, v in sorted(self.curve.items())})
         return last
+
+    def evaluate_during(self, loop: Any) -> float:
+        """Real-env return of the current policy mean before iteration :attr:`iteration` (``eval_every``)."""
+        if loop.evaluator is None:
+            raise RuntimeError("evaluation.every_iterations needs the loop's evaluator (evaluation.episodes > 0)")
+        returns, _ = loop.evaluator.returns(loop.actor)
+        value = float(returns.mean())
+        self.curve[self.iteration] = value
+        loop.log({"eval/return_mean_during_optimize": value}, self.total_iterations)
+        return value
 
     def end_deployment(self, loop: Any) -> None:
         self.iteration = 0
         self.model_env = None
+        self.curve = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -671,10 +694,12 @@ class ImaginaryTRPO:
             "iteration": self.iteration,
             "total_iterations": self.total_iterations,
             "model_generator": self.model_generator.get_state(),
+            "curve": {str(k): v for k, v in self.curve.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline.load_state_dict(state["baseline"])
+        self.curve = {int(k): float(v) for k, v in state.get("curve", {}).items()}
         self.iteration = int(state["iteration"])
         self.total_iterations = int(state["total_iterations"])
         self.model_generator.set_state(state["model_generator"])

@@ -24,7 +24,7 @@ import math
 import typing
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 __all__ = [
     "BCConfig",
@@ -565,12 +565,25 @@ class EvalConfig(Section):
         episodes (int): episodes per evaluation; 0 disables. Defaults to 3 (the reference code's
             ``num_path_onpol``).
         max_steps (int, optional): episode cap (default: the task's).
+        every_iterations (int, optional): also evaluate *during* the optimize phase, before TRPO
+            iterations ``0, n, 2n, ...`` (BREMEN Fig. 14 plots offline returns against policy
+            iterations); each value is returned as ``curve/eval_return_it{k}`` (``k`` iterations
+            done, ``k = 0``: the re-initialised policy) and the end of the phase is the deployment's
+            ``eval/return_mean``. ``None`` (default): only after the phase.
     """
 
     episodes: int = 3
     max_steps: int | None = None
+    every_iterations: int | None = None
+    #: ``every_iterations`` with ``episodes = 0`` is refused (it would evaluate nothing)
+    _every_needs_episodes: ClassVar[bool] = True
 
     def _check(self, prefix: str) -> None:
         check_int(self.episodes, _path(prefix, "episodes"), minimum=0)
         if self.max_steps is not None:
             check_int(self.max_steps, _path(prefix, "max_steps"))
+        if self.every_iterations is not None:
+            check_int(self.every_iterations, _path(prefix, "every_iterations"))
+            if self.episodes == 0 and self._every_needs_episodes:
+                raise ValueError(f"{_path(prefix, 'every_iterations')}={self.every_iterations} needs "
+                                 f"{_path(prefix, 'episodes')} > 0, got 0")

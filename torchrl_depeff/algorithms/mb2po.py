@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -295,6 +295,7 @@ class MB2POEvalConfig(EvalConfig):
     max_steps: int | None = 1000
     every_pretrain_steps: int = 50_000
     every_iterations: int = 25
+    _every_needs_episodes: ClassVar[bool] = False  # episodes = 0 turns evaluation off; the cadences stay valid
 
     def _check(self, prefix: str) -> None:
         super()._check(prefix)
