@@ -37,7 +37,7 @@ from torchrl_depeff.stats import interval_estimate, iqm, poi_interval_estimate
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 
-__all__ = ["CURVE_PREFIX", "Job", "iteration_curves", "parse_args", "run_jobs", "summarize", "write_results"]
+__all__ = ["CURVE_PREFIX", "Job", "iteration_curves", "parse_args", "plot", "run_jobs", "summarize", "write_results"]
 
 #: per-iteration evaluations of the optimize phase (``evaluation.every_iterations``)
 CURVE_PREFIX = "curve/eval_return_it"
@@ -300,70 +300,70 @@ def verdict(poi: dict[str, Any]) -> str:
     return "not reproduced (CI includes 0.5)"
 
 
+Series = list[tuple[str, list[float], list[float], list[float], list[float]]]
+
+
+def _save_panels(panels: list[tuple[str, Series, list[tuple[str, float]]]], path: Path, title: str, xlabel: str,
+                 ylabel: str) -> Path:
+    """One panel per ``(panel title, [(label, xs, iqm, ci_low, ci_high)], [(label, level)])``: lines + CI bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, series, levels) in zip(axes[0], panels):
+        for label, xs, ys, lo, hi in series:
+            ax.plot(xs, ys, "o-", label=label)
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+        for label, level in levels:
+            ax.axhline(level, ls="--", color="gray", label=label)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(buffer.getvalue(), path)
+
+
+def _series(rows: list[dict], label_of: Callable[[dict], str], x: str) -> Series:
+    out = []
+    for label in sorted({label_of(c) for c in rows}):
+        pts = sorted((c[x], c["iqm"], c["ci_low"], c["ci_high"]) for c in rows if label_of(c) == label)
+        out.append((label, *map(list, zip(*pts))))
+    return out
+
+
 def plot(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...] = ("algorithm", "task")) -> Path:
-    """IQM of ``metric`` (with the 95 % CI band) per deployment, one panel per task."""
-    import matplotlib
+    """IQM of ``metric`` (with the 95 % CI band) per deployment, one panel per task.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if summary.get("iteration_curves"):
-        return plot_iterations(summary, path, title, group)
+    With ``iteration_curves`` (offline claims): against policy-optimisation iterations instead, one
+    panel per value of ``group[1:]``, groups without iterations (BC) as dashed levels.
+    """
+    ylabel = summary["metric"] + " (IQM, 95 % CI)"
+    curves = summary.get("iteration_curves")
+    if curves:
+        keys = group[1:]
+        panels = []
+        for panel in sorted({tuple(c[g] for g in keys) for c in curves}, key=str):
+            rows = [c for c in curves if tuple(c[g] for g in keys) == panel]
+            with_curve = {c[group[0]] for c in rows}
+            levels = [(f"{r[group[0]]} (no policy iterations)", r["iqm"]) for r in summary["final"]
+                      if tuple(r[g] for g in keys) == panel and r[group[0]] not in with_curve]
+            panels.append((" ".join(f"{g} {v}" for g, v in zip(keys, panel)),
+                           _series(rows, lambda c: str(c[group[0]]), "iteration"), levels))
+        return _save_panels(panels, path, title, "policy-optimisation iterations", ylabel)
     curves = summary["curves"]
-    panels = sorted({c.get("task") for c in curves}, key=str)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], panels):
+    panels = []
+    for task in sorted({c.get("task") for c in curves}, key=str):
         rows = [c for c in curves if c.get("task") == task]
-        for label in sorted({tuple(c[g] for g in group if g != "task") for c in rows}, key=str):
-            pts = sorted((c["samples"], c["iqm"], c["ci_low"], c["ci_high"]) for c in rows
-                         if tuple(c[g] for g in group if g != "task") == label)
-            xs, ys, lo, hi = map(list, zip(*pts))
-            ax.plot(xs, ys, "o-", label=" ".join(str(v) for v in label))
-            ax.fill_between(xs, lo, hi, alpha=0.2)
-        ax.set_title(str(task))
-        ax.set_xlabel("real transitions")
-        ax.set_ylabel(summary["metric"] + " (IQM, 95 % CI)")
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buffer = BytesIO()
-    fig.savefig(buffer, dpi=110, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(buffer.getvalue(), path)
-
-
-def plot_iterations(summary: dict[str, Any], path: Path, title: str, group: tuple[str, ...]) -> Path:
-    """IQM (95 % CI band) of the return against policy-optimisation iterations, one panel per value of ``group[1:]``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = summary["iteration_curves"]
-    panel_keys = group[1:]
-    panels = sorted({tuple(c[g] for g in panel_keys) for c in curves}, key=str)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        rows = [c for c in curves if tuple(c[g] for g in panel_keys) == panel]
-        for label in sorted({c[group[0]] for c in rows}, key=str):
-            pts = sorted((c["iteration"], c["iqm"], c["ci_low"], c["ci_high"]) for c in rows if c[group[0]] == label)
-            xs, ys, lo, hi = map(list, zip(*pts))
-            ax.plot(xs, ys, "o-", label=str(label))
-            ax.fill_between(xs, lo, hi, alpha=0.2)
-        # groups without policy iterations (the BC baseline): their final IQM as a dashed line
-        for row in summary["final"]:
-            if tuple(row[g] for g in panel_keys) == panel and row[group[0]] not in {c[group[0]] for c in rows}:
-                ax.axhline(row["iqm"], ls="--", color="gray", label=f"{row[group[0]]} (no policy iterations)")
-        ax.set_title(" ".join(f"{g} {v}" for g, v in zip(panel_keys, panel)))
-        ax.set_xlabel("policy-optimisation iterations")
-        ax.set_ylabel(summary["metric"] + " (IQM, 95 % CI)")
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buffer = BytesIO()
-    fig.savefig(buffer, dpi=110, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(buffer.getvalue(), path)
+        label_of = lambda c: " ".join(str(c[g]) for g in group if g != "task")  # noqa: E731
+        panels.append((str(task), _series(rows, label_of, "samples"), []))
+    return _save_panels(panels, path, title, "real transitions", ylabel)
 
 
 def markdown(summary: dict[str, Any], group: tuple[str, ...] = ("algorithm", "task")) -> str:
