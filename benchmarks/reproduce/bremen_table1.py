@@ -5,7 +5,9 @@ The dataset (sec. 5.1, App. G.1) is collected by a *partially trained* policy: r
 to 4 000; :mod:`benchmarks.reproduce.behaviour`, shared with ``mb2po_table1``) with two noise
 variants (``eps1``, ``gaussian1``); each algorithm then runs Alg. 2 on it:
 BREMEN (model, BC initialisation, TRPO), BC (the BC policy alone) and offline ME-TRPO (model and
-TRPO, no BC initialisation).
+TRPO, no BC initialisation). The two TRPO algorithms are also evaluated every 20 of their 200
+iterations (``evaluation.every_iterations``): the return against policy iterations, the axes of
+the paper's Fig. 14, shows where the final policy came from (the verdict is on the final one).
 
     python -m benchmarks.reproduce.bremen_table1 --seeds 5
     python -m benchmarks.reproduce.bremen_table1 --quick
