@@ -202,14 +202,20 @@ def _group(records: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]
     return out
 
 
+def _last_per_seed(rows: list[dict]) -> dict[int, dict]:
+    """Each seed's record of its last deployment."""
+    last: dict[int, dict] = {}
+    for r in rows:
+        if r["seed"] not in last or r["deployment"] > last[r["seed"]]["deployment"]:
+            last[r["seed"]] = r
+    return last
+
+
 def final_scores(records: list[dict], metric: str, group: tuple[str, ...] = ("algorithm", "task")) -> dict[tuple, np.ndarray]:
     """Per group, the ``metric`` of each seed's last deployment, ``[seeds]`` (seed order)."""
     out = {}
     for key, rows in _group(records, group).items():
-        last: dict[int, dict] = {}
-        for r in rows:
-            if r["seed"] not in last or r["deployment"] > last[r["seed"]]["deployment"]:
-                last[r["seed"]] = r
+        last = _last_per_seed(rows)
         vals = [last[s].get(metric) for s in sorted(last)]
         out[key] = np.array([v for v in vals if v is not None], dtype=np.float64)
     return out
@@ -225,12 +231,8 @@ def iteration_curves(records: list[dict], *, iterations: int, metric: str = "eva
     """
     out = []
     for key, rows in _group(records, group).items():
-        last: dict[int, dict] = {}
-        for r in rows:
-            if r["seed"] not in last or r["deployment"] > last[r["seed"]]["deployment"]:
-                last[r["seed"]] = r
         points: dict[int, list[float]] = {}
-        for r in last.values():
+        for r in _last_per_seed(rows).values():
             ks = {int(k[len(CURVE_PREFIX):]): v for k, v in r.items() if k.startswith(CURVE_PREFIX) and v is not None}
             if not ks:
                 continue
