@@ -103,6 +103,79 @@ class TestFastEqualsGeneric:
         assert ro["action_log_prob"].shape == (3, 4, 10)
         assert ro["next", "observation"].shape == (3, 4, 10, OBS)
 
+    def test_probabilistic_actor_without_tensordicts(self):
+        # a sampling ProbabilisticActor runs its network and distribution on plain tensors ...
+        env = _env(_model(), member_selection="per_step")
+        actor = make_gaussian_actor(OBS, ACT, num_cells=(8,), learn_sigma=True, sigma=0.5)
+        call = env._policy_caller(actor)
+        assert call.__qualname__.startswith("_probabilistic_call")
+        built = []
+        init = TensorDict.__init__
+
+        def counting(self, *args, **kwargs):
+            built.append(1)
+            init(self, *args, **kwargs)
+
+        TensorDict.__init__ = counting
+        try:
+            out = call({"observation": torch.randn(12, OBS)})
+        finally:
+            TensorDict.__init__ = init
+        assert built == []  # no tensordict built
+        assert list(out) == ["observation", "loc", "scale", "action", "action_log_prob"]
+        # ... with the values of the tensordict call (same draw, same log-probability)
+        obs = torch.randn(12, OBS)
+        torch.manual_seed(4)
+        fast = call({"observation": obs})
+        torch.manual_seed(4)
+        ref = actor(TensorDict(observation=obs, batch_size=[12]))
+        for key in ("loc", "scale", "action", "action_log_prob"):
+            assert torch.equal(fast[key], ref[key]), key
+        assert fast["action_log_prob"].requires_grad  # gradients flow as through the tensordict call
+        # and the whole rollout equals TorchRL's loop with that actor
+        _rollouts(lambda: _env(_model(), member_selection="per_step"), actor)
+
+    @pytest.mark.parametrize("case", ["deterministic", "safe_spec", "no_log_prob", "tanh_normal"])
+    def test_probabilistic_actor_variants(self, case):
+        from tensordict.nn import InteractionType, NormalParamExtractor, set_interaction_type
+        from torchrl.modules import ProbabilisticActor, TanhNormal
+
+        env_fn = lambda: _env(_model(), member_selection="per_sample")  # noqa: E731
+        if case in ("deterministic", "safe_spec", "no_log_prob"):
+            actor = make_gaussian_actor(OBS, ACT, num_cells=(8,), sigma=0.5)
+            if case == "safe_spec":
+                net = actor.module[0]
+                actor = ProbabilisticActor(net, in_keys=["loc", "scale"], out_keys=["action"],
+                                           spec=Bounded(-0.2, 0.2, (ACT,)), safe=True,
+                                           distribution_class=actor.module[-1].distribution_class,
+                                           return_log_prob=True)
+            elif case == "no_log_prob":
+                actor = ProbabilisticActor(actor.module[0], in_keys=["loc", "scale"], out_keys=["action"],
+                                           distribution_class=actor.module[-1].distribution_class,
+                                           default_interaction_type=InteractionType.RANDOM)
+        else:
+            torch.manual_seed(3)
+            net = TensorDictModule(nn.Sequential(nn.Linear(OBS, 2 * ACT), NormalParamExtractor()),
+                                   in_keys=["observation"], out_keys=["loc", "scale"])
+            actor = ProbabilisticActor(net, in_keys=["loc", "scale"], out_keys=["action"],
+                                       distribution_class=TanhNormal, return_log_prob=True,
+                                       default_interaction_type=InteractionType.RANDOM)
+        fast_expected = case == "tanh_normal"
+        if case == "deterministic":
+            with set_interaction_type(InteractionType.DETERMINISTIC):
+                call = env_fn()._policy_caller(actor)
+                assert not call.__qualname__.startswith("_probabilistic_call")
+                ro = _rollouts(env_fn, actor)
+            assert torch.equal(ro["action"], ro["loc"])
+            return
+        call = env_fn()._policy_caller(actor)
+        assert call.__qualname__.startswith("_probabilistic_call") == fast_expected
+        ro = _rollouts(env_fn, actor)
+        if case == "safe_spec":
+            assert ro["action"].abs().max() <= 0.2  # the projection of the tensordict call was kept
+        if case == "tanh_normal":
+            assert "action_log_prob" in ro.keys() and ro["action"].abs().max() < 1.0
+
     def test_generic_policy_without_direct_call(self):
         # a TensorDictModule subclass is called through a tensordict, not unwrapped
         class Sub(TensorDictModule):
