@@ -25,6 +25,10 @@ Three timings per configuration, interleaved round-robin in one process, best of
   and the automatic reset of done rows): ``env_over_bare_bound = bare / (bare + floor)`` is what
   the env could reach if its Python cost were zero.
 
+With ``--policy-call``, ``policy_call``: BREMEN's imagination rollout with its sampling Gaussian
+actor, the plain-tensor call of the fast loop against the same actor called through a
+tensordict (see :func:`bench_policy_call`).
+
 With ``--compile`` one more figure, ``compile_bookkeeping``: that step bookkeeping as one
 function, eager vs ``torch.compile`` (time per call, compile seconds, and whether the compiled
 function returns the same values on a batch with a non-finite row).
@@ -175,11 +179,14 @@ def _config(size: str, mode: str, unc: tuple[str, ...], args, policy_kind: str, 
     if policy_kind == "linear":
         policy_net: Callable = nn.Sequential(nn.Linear(OBS, ACT), nn.Tanh())
         policy = TensorDictModule(policy_net, in_keys=["observation"], out_keys=["action"])
-    else:  # BREMEN's Gaussian actor (quick preset: 64-64 tanh), called through a tensordict
+    else:  # BREMEN's Gaussian actor (quick preset: 64-64 tanh); the bare loop runs its network
+        # and draws the Gaussian noise on plain tensors (no log-probability: nothing recorded)
         policy = make_gaussian_actor(OBS, ACT, num_cells=(64, 64))
+        net = policy.module[0].module
 
-        def policy_net(obs, policy=policy, rows=args.rows):
-            return policy(TensorDict({"observation": obs}, [rows]))["action"]
+        def policy_net(obs, net=net):
+            loc, scale = net(obs)
+            return loc + scale * torch.randn(loc.shape)
 
     env = EnsembleModelEnv(
         model, observation_spec=Unbounded(OBS), action_spec=Bounded(-1.0, 1.0, (ACT,)),
@@ -266,6 +273,51 @@ def bench_compile(rows: int) -> dict:
             "same_values": same}
 
 
+def bench_policy_call(args) -> list[dict]:
+    """A sampling ``ProbabilisticActor`` in the fast loop: plain-tensor call vs tensordict call.
+
+    BREMEN's imagination env (5 x 200-200 deterministic members, ``per_step``, no uncertainty,
+    HalfCheetah reward) and its 64-64 Gaussian actor, at the quick preset's shape (50 rows x 100
+    steps, ``trpo.batch_size=5000``) and at 200 rows x 50 steps; ``tensordict_call`` forces the
+    call through a tensordict (the fast loop before the plain-tensor path) by disabling
+    ``_probabilistic_call``. Both give the same rollout (``test/envs/test_model_env_fast.py``).
+    """
+    import torchrl_depeff.envs.model_env as model_env_module
+
+    out = []
+    original = model_env_module._probabilistic_call
+    for rows, steps in ((50, 100), (200, 50)):
+        torch.manual_seed(0)
+        model = DynamicsEnsemble(OBS, ACT, num_members=E, num_cells=SIZES["quick"], probabilistic=False)
+        start = torch.randn(50_000, OBS)
+        model.fit_normalizers(start[:5000], torch.rand(5000, ACT) * 2 - 1, start[:5000] + 0.1 * torch.randn(5000, OBS))
+        env = EnsembleModelEnv(
+            model, observation_spec=Unbounded(OBS), action_spec=Bounded(-1.0, 1.0, (ACT,)),
+            reward_fn=halfcheetah_reward, termination_fn=no_termination,
+            start_states=TensorDict({"observation": start}, [start.shape[0]]), batch_size=rows,
+            member_selection="per_step", uncertainty=(), max_episode_steps=1000,
+        )
+        actor = make_gaussian_actor(OBS, ACT, num_cells=(64, 64), learn_sigma=True)
+        steps = 5 if args.quick else steps
+
+        def rollout(plain: bool, env=env, actor=actor, steps=steps) -> None:
+            model_env_module._probabilistic_call = original if plain else (lambda policy, in_keys: None)
+            try:
+                with torch.no_grad():
+                    env.rollout(steps, actor, break_when_any_done=False)
+            finally:
+                model_env_module._probabilistic_call = original
+
+        best = _time_group({"plain": lambda: rollout(True), "tensordict": lambda: rollout(False)}, args.rounds)
+        out.append({
+            "figure": "policy_call", "rows": rows, "steps": steps, "threads": torch.get_num_threads(),
+            "plain_tensor_ms_per_rollout": round(best["plain"] * 1e3, 2),
+            "tensordict_call_ms_per_rollout": round(best["tensordict"] * 1e3, 2),
+            "speedup": round(best["tensordict"] / best["plain"], 2),
+        })
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (few rounds, few steps)")
@@ -275,6 +327,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--only", default="quick,bremen", help="ensemble sizes: quick,bremen")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the bookkeeping")
+    parser.add_argument("--policy-call", action="store_true",
+                        help="also time a ProbabilisticActor's plain-tensor call against its tensordict call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -294,6 +348,9 @@ def main() -> None:
             print(json.dumps(_config(size, mode, unc, args, policy_kind, probabilistic)), flush=True)
     if args.compile:
         print(json.dumps(bench_compile(args.rows)), flush=True)
+    if args.policy_call:
+        for line in bench_policy_call(args):
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -279,7 +279,11 @@ class EnsembleModelEnv(ModelBasedEnvBase):
     resets inside a rollout synchronisation-free, every step draws the start state (and
     ``"per_trajectory"`` member) a row would get if it were reset after it; a partial reset
     (``"_reset"`` entry) uses these draws. For a ``TransformedEnv`` over this env with only
-    penalty transforms, :func:`model_rollout` gives the fast path as well.
+    penalty transforms, :func:`model_rollout` gives the fast path as well. Inside it, a plain
+    :class:`~tensordict.nn.TensorDictModule` policy is called on its tensors, and so is a
+    sampling ``ProbabilisticActor`` (plain networks, then the same distribution class and
+    TorchRL's ``sample_and_log_prob``: 1.4x faster rollouts with BREMEN's 64-64 actor at 50 rows,
+    1.2x at 200, ``benchmarks/bench_model_env.py --policy-call``); other policies get a tensordict.
 
     **Inputs.** The env works in the ensemble's floating dtype: specs given in another
     floating dtype (e.g. float64 from a plain gymnasium env without ``DoubleToFloat``), start
