@@ -56,7 +56,7 @@ def _assert_same(a, b):
         assert torch.equal(x, y), key
 
 
-def _rollouts(make_env, policy, steps=10, seed=3, runner=None):
+def _assert_rollouts_equal(make_env, policy, steps=10, seed=3, runner=None):
     """Two rollouts in a row per path (the second starts from the first's leftover state)."""
     outs = []
     for fast in (True, False):
@@ -83,7 +83,7 @@ class TestFastEqualsGeneric:
     @pytest.mark.parametrize("uncertainty", [(), ("disagreement", "std_norm", "cov_frobenius", "ensemble_std")])
     def test_modes_and_uncertainties(self, mode, uncertainty):
         model = _model()
-        ro = _rollouts(lambda: _env(model, member_selection=mode, uncertainty=uncertainty), _linear_policy())
+        ro = _assert_rollouts_equal(lambda: _env(model, member_selection=mode, uncertainty=uncertainty), _linear_policy())
         done = ro["next", "done"]
         assert done.any() and (~done).any()  # resets happened inside the rollout
         assert ro["next", "terminated"].any() and ro["next", "truncated"].any()
@@ -92,13 +92,13 @@ class TestFastEqualsGeneric:
     def test_elites_deterministic_reward_head(self, mode):
         model = _model(probabilistic=False, predict_reward=True, num_elites=2)
         model.set_elites(torch.tensor([0.3, 0.1, 0.5, 0.2]))
-        _rollouts(lambda: _env(model, member_selection=mode, elites_only=True, reward_fn=None,
+        _assert_rollouts_equal(lambda: _env(model, member_selection=mode, elites_only=True, reward_fn=None,
                                uncertainty=("disagreement",)), _linear_policy())
 
     def test_probabilistic_actor_and_batch_dims(self):
         model = _model()
         actor = make_gaussian_actor(OBS, ACT, num_cells=(8,), sigma=0.5)
-        ro = _rollouts(lambda: _env(model, member_selection="per_sample", batch_size=(3, 4),
+        ro = _assert_rollouts_equal(lambda: _env(model, member_selection="per_sample", batch_size=(3, 4),
                                     uncertainty=("std_norm",)), actor)
         assert ro["action_log_prob"].shape == (3, 4, 10)
         assert ro["next", "observation"].shape == (3, 4, 10, OBS)
@@ -133,7 +133,7 @@ class TestFastEqualsGeneric:
             assert torch.equal(fast[key], ref[key]), key
         assert fast["action_log_prob"].requires_grad  # gradients flow as through the tensordict call
         # and the whole rollout equals TorchRL's loop with that actor
-        _rollouts(lambda: _env(_model(), member_selection="per_step"), actor)
+        _assert_rollouts_equal(lambda: _env(_model(), member_selection="per_step"), actor)
 
     @pytest.mark.parametrize("case", ["deterministic", "safe_spec", "no_log_prob", "tanh_normal"])
     def test_probabilistic_actor_variants(self, case):
@@ -165,12 +165,12 @@ class TestFastEqualsGeneric:
             with set_interaction_type(InteractionType.DETERMINISTIC):
                 call = env_fn()._policy_caller(actor)
                 assert not call.__qualname__.startswith("_probabilistic_call")
-                ro = _rollouts(env_fn, actor)
+                ro = _assert_rollouts_equal(env_fn, actor)
             assert torch.equal(ro["action"], ro["loc"])
             return
         call = env_fn()._policy_caller(actor)
         assert call.__qualname__.startswith("_probabilistic_call") == fast_expected
-        ro = _rollouts(env_fn, actor)
+        ro = _assert_rollouts_equal(env_fn, actor)
         if case == "safe_spec":
             assert ro["action"].abs().max() <= 0.2  # the projection of the tensordict call was kept
         if case == "tanh_normal":
@@ -183,7 +183,7 @@ class TestFastEqualsGeneric:
 
         torch.manual_seed(1)
         policy = Sub(nn.Linear(OBS, ACT), in_keys=["observation"], out_keys=["action"])
-        _rollouts(lambda: _env(_model(), member_selection="per_step"), policy)
+        _assert_rollouts_equal(lambda: _env(_model(), member_selection="per_step"), policy)
 
     @pytest.mark.parametrize("action_bounds", ["pass", "clip"])
     def test_out_of_bounds_actions(self, action_bounds):
@@ -191,7 +191,7 @@ class TestFastEqualsGeneric:
         policy = TensorDictModule(nn.Linear(OBS, ACT), in_keys=["observation"], out_keys=["action"])
         with torch.no_grad():
             policy.module.weight.mul_(5.0)
-        _rollouts(lambda: _env(_model(), member_selection="per_sample", action_bounds=action_bounds), policy)
+        _assert_rollouts_equal(lambda: _env(_model(), member_selection="per_sample", action_bounds=action_bounds), policy)
 
     @pytest.mark.parametrize("penalty", ["soft", "hard", "both"])
     def test_penalties_fused_transformed_and_model_rollout(self, penalty):
@@ -214,9 +214,9 @@ class TestFastEqualsGeneric:
                                   Compose(*parts) if len(parts) > 1 else parts[0])
 
         policy = _linear_policy()
-        ro_fused = _rollouts(fused, policy)  # fused fast == fused generic
+        ro_fused = _assert_rollouts_equal(fused, policy)  # fused fast == fused generic
         # wrapped: model_rollout's fast loop == TransformedEnv's generic loop
-        ro_wrapped = _rollouts(wrapped, policy, runner=lambda e, n: model_rollout(e, n, policy, break_when_any_done=False))
+        ro_wrapped = _assert_rollouts_equal(wrapped, policy, runner=lambda e, n: model_rollout(e, n, policy, break_when_any_done=False))
         _assert_same(ro_fused, ro_wrapped)  # and the fused env == the transformed env
         if penalty != "hard":
             torch.testing.assert_close(ro_fused["next", "penalty"], 0.5 * ro_fused["next", "model_std_norm"])
@@ -293,4 +293,4 @@ class TestFastEqualsGeneric:
         def make():
             return TransformedEnv(_env(model, **kw), transform.clone())
 
-        _rollouts(make, policy, runner=lambda e, n: model_rollout(e, n, policy, break_when_any_done=False))
+        _assert_rollouts_equal(make, policy, runner=lambda e, n: model_rollout(e, n, policy, break_when_any_done=False))
