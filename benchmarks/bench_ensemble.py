@@ -14,7 +14,8 @@ Figures:
   * ``trainer_step``: ``EnsembleTrainer``'s epoch (shuffle, minibatch gather, forward, loss,
     backward, fused Adam) per step, at the quick (5 x [23 -> 2 x 200 -> 17]), MB2PO
     (5 x [23 -> 4 x 200 swish -> 36], Gaussian NLL) and BREMEN (5 x [23 -> 2 x 1024 -> 17])
-    sizes, batch 256 per member, against the implementation before issue 15 (tensordict
+    sizes, batch 256 per member, against the generic step (autograd into ``.grad``, then
+    ``optimizer.step()``), the implementation before issue 15 (tensordict
     minibatches through ``EnsembleDynamicsLoss``), the big-GEMM rate and the time of the step's
     matrix products alone at their own shapes (forward, weight and input gradients).
 Each figure is one function ``bench_<name>(args) -> list[dict]`` so more can be added.
@@ -295,11 +296,13 @@ def bench_trainer_step(args: argparse.Namespace, gemm_gflops: float) -> list[dic
         data = TensorDict({"observation": obs, "action": action, ("next", "observation"): obs + 0.1 * torch.randn(n, 17),
                            ("next", "reward"): torch.randn(n, 1)}, [n])
         trainers = {}
-        for name in ("new", "previous"):
+        for name in ("new", "generic", "previous"):
             torch.manual_seed(0)
             model = DynamicsEnsemble(17, 6, num_members=E, num_cells=hidden, activation=act, probabilistic=prob,
                                      predict_reward=prob)
             trainer = EnsembleTrainer(model, batch_size=b, max_epochs=1)
+            if name == "generic":  # the step before the direct path: autograd into .grad, optimizer.step()
+                trainer._step_plan = lambda x: None
             prepared = trainer._prepare(data)
             model.fit_normalizers(obs, action, data["next", "observation"], data["next", "reward"] if prob else None)
             trainers[name] = (trainer, prepared, trainer._normalized(prepared))
@@ -308,6 +311,7 @@ def bench_trainer_step(args: argparse.Namespace, gemm_gflops: float) -> list[dic
             "gemm": lambda: a @ big,
             "shape_gemm_bound": (lambda run=_gemm_bound(sizes, b): [run() for _ in range(steps)]),
             "new": (lambda t=trainers["new"]: t[0]._train_epoch(t[2])),
+            "generic": (lambda t=trainers["generic"]: t[0]._train_epoch(t[2])),
             "previous": (lambda t=trainers["previous"]: _reference_epoch(t[0], t[1])),
         }
         secs = _time_group(fns, args.min_time, warmup=2, rounds=5)
@@ -322,6 +326,7 @@ def bench_trainer_step(args: argparse.Namespace, gemm_gflops: float) -> list[dic
             rec[f"{name}_ms_per_step"] = round(per_step * 1e3, 3)
             rec[f"{name}_frac_gemm"] = round(flops / per_step / 1e9 / big_gflops, 3)
         rec["new_over_previous_speed"] = round(secs["previous"] / secs["new"], 3)
+        rec["new_over_generic_speed"] = round(secs["generic"] / secs["new"], 3)
         rec["new_frac_of_shape_bound"] = round(bound * steps / secs["new"], 3)
         records.append(_emit(rec))
     return records

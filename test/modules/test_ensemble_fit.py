@@ -276,14 +276,22 @@ class TestFastTrainerIsExact:
         ref = _ReferenceTrainer(ref_model, batch_size=64, max_epochs=3, patience=2, weight_decay=1e-4, seed=4)
         ref.grads = []
         fast_grads = []
-        # gradients: recorded just before each Adam step
-        orig_opt_step = fast.optimizer.step
+        # gradients: recorded just before each Adam step (optimizer.step() on the first epoch,
+        # which initialises the Adam state; the direct fused step afterwards)
+        orig_opt_step, orig_adam_step = fast.optimizer.step, fast._adam_step
+        plans = []
 
         def opt_step(*a, **k):
             fast_grads.append([p.grad.clone() for p in fast_model.parameters()])
             return orig_opt_step(*a, **k)
 
+        def adam_step(plan, grads):
+            plans.append(plan.manual_backward)
+            fast_grads.append([g.clone() for g in grads])
+            return orig_adam_step(plan, grads)
+
         fast.optimizer.step = opt_step
+        fast._adam_step = adam_step
         for round_ in range(2):  # a second fit: warm-started Adam state, refit normalisers
             rf, rr = fast.fit(data), ref.fit(data)
             assert rf.epochs == rr.epochs and torch.equal(rf.elites, rr.elites)
@@ -297,3 +305,111 @@ class TestFastTrainerIsExact:
         for (name, a), b in zip(fast_model.state_dict().items(), ref_model.state_dict().values()):
             assert torch.equal(a, b), name
         assert fast.total_steps == ref.total_steps
+        # the fast step ran after the first epoch: hand-written backward for the deterministic
+        # ReLU bmm ensemble, autograd (then the direct fused Adam) for the others
+        assert len(fast_grads) == fast.total_steps and 0 < len(plans) < fast.total_steps
+        assert set(plans) == {size == "quick"}
+
+
+class TestDirectStep:
+    """The step without autograd bookkeeping or optimizer.step()'s Python: same numbers, right path."""
+
+    @staticmethod
+    def _batch(model, b, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        E, d_in = model.num_members, model.network.in_features
+        return torch.randn(E, b, d_in, generator=g), torch.randn(E, b, model.network.out_features, generator=g)
+
+    @pytest.mark.parametrize("num_cells", [(16,), (32, 24), (8, 8, 8)])
+    @pytest.mark.parametrize("b", [1, 37, 256, 1000])
+    def test_hand_written_gradients_equal_autograd(self, num_cells, b):
+        torch.manual_seed(0)
+        model = _model(num_cells=num_cells)
+        trainer = EnsembleTrainer(model, batch_size=b)
+        x, y = self._batch(model, b)
+        member_loss, grads = trainer._mse_relu_loss_and_grads(x, y)
+        ref_loss, total = trainer._member_loss(x, y)
+        ref = torch.autograd.grad(total.sum(), list(model.parameters()))
+        assert torch.equal(member_loss, ref_loss.detach())
+        assert len(grads) == len(ref)
+        for g, r, p in zip(grads, ref, model.parameters()):
+            assert g.shape == p.shape and torch.equal(g, r)
+        # not a vacuous comparison: the gradients are non-zero and member-specific
+        assert all(bool(g.abs().sum() > 0) for g in grads)
+        assert not torch.equal(grads[0][0], grads[0][1])
+
+    def test_direct_adam_equals_optimizer_step(self):
+        torch.manual_seed(0)
+        model = _model(num_cells=(16, 16))
+        twin = copy.deepcopy(model)
+        trainer = EnsembleTrainer(model, lr=3e-3, weight_decay=1e-2, batch_size=32)
+        opt = torch.optim.Adam(twin.parameters(), lr=3e-3, weight_decay=1e-2, fused=True)
+        for k in range(6):
+            x, y = self._batch(model, 32, seed=k)
+            if k == 3:  # a changed learning rate is read at the next step
+                trainer.optimizer.param_groups[0]["lr"] = 1e-3
+                opt.param_groups[0]["lr"] = 1e-3
+            trainer._plan = trainer._step_plan(x)
+            assert (trainer._plan is None) == (k == 0)  # the first step initialises the Adam state
+            trainer._train_step(x, y)
+            opt.zero_grad(set_to_none=True)
+            out = twin.network(x, member_first=True)
+            (0.5 * (out - y).pow(2).sum(-1).mean((1,))).sum().backward()
+            opt.step()
+            for a, b in zip(model.parameters(), twin.parameters()):
+                assert torch.equal(a, b)
+        sa, sb = trainer.optimizer.state_dict(), opt.state_dict()
+        for i in sb["state"]:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(sa["state"][i][key], sb["state"][i][key])
+
+    def test_resumed_trainer_continues_bit_for_bit(self):
+        data = _linear_data(n=300, seed=5)
+        torch.manual_seed(0)
+        straight = EnsembleTrainer(_model(num_cells=(32, 32)), batch_size=64, max_epochs=3, seed=1)
+        resumed_model = copy.deepcopy(straight.ensemble)
+        first = EnsembleTrainer(resumed_model, batch_size=64, max_epochs=3, seed=1)
+        straight.fit(data), first.fit(data)
+        state = copy.deepcopy(first.state_dict())
+        model_state = copy.deepcopy(resumed_model.state_dict())
+        fresh_model = _model(num_cells=(32, 32))
+        fresh_model.load_state_dict(model_state)
+        fresh = EnsembleTrainer(fresh_model, batch_size=64, max_epochs=3, seed=1)
+        fresh.load_state_dict(state)  # new state tensors: the direct step must read these
+        straight.fit(data), fresh.fit(data)
+        for a, b in zip(straight.ensemble.state_dict().values(), fresh_model.state_dict().values()):
+            assert torch.equal(a, b)
+
+    def test_generic_path_when_the_direct_step_does_not_apply(self):
+        x = torch.zeros(3, 8, OBS + ACT)
+
+        def plan(trainer):
+            trainer.fit(_linear_data(n=100))  # initialises the Adam state
+            return trainer._step_plan(x)
+
+        assert plan(EnsembleTrainer(_model(), batch_size=32, max_epochs=1)).manual_backward
+        swish = plan(EnsembleTrainer(_model(activation=torch.nn.SiLU), batch_size=32, max_epochs=1))
+        assert swish is not None and not swish.manual_backward  # autograd, then the direct Adam
+        prob = plan(EnsembleTrainer(_model(probabilistic=True), batch_size=32, max_epochs=1))
+        assert prob is not None and not prob.manual_backward
+        assert plan(EnsembleTrainer(_model(probabilistic=True), loss_type="mse", batch_size=32, max_epochs=1)) is None
+        sgd = EnsembleTrainer(_model(), batch_size=32, max_epochs=1)
+        sgd.optimizer = torch.optim.SGD(sgd.ensemble.parameters(), lr=0.1)
+        assert plan(sgd) is None
+        foreach = EnsembleTrainer(_model(), batch_size=32, max_epochs=1)
+        foreach.optimizer = torch.optim.Adam(foreach.ensemble.parameters(), lr=1e-3)
+        assert plan(foreach) is None
+        hooked = EnsembleTrainer(_model(), batch_size=32, max_epochs=1)
+        calls = []
+        hooked.ensemble.network.register_forward_hook(lambda *a: calls.append(1))
+        hooked_plan = plan(hooked)
+        assert hooked_plan is not None and not hooked_plan.manual_backward and calls
+        frozen = EnsembleTrainer(_model(), batch_size=32, max_epochs=1)
+        frozen.ensemble.network.layers[0].bias.requires_grad_(False)
+        assert plan(frozen) is None
+        before = frozen.ensemble.network.layers[0].bias.detach().clone()
+        frozen.fit(_linear_data(n=100))
+        assert torch.equal(frozen.ensemble.network.layers[0].bias, before)  # frozen stays frozen
+        pre = EnsembleTrainer(_model(), batch_size=32, max_epochs=1)
+        pre.optimizer.register_step_pre_hook(lambda *a: None)
+        assert plan(pre) is None
