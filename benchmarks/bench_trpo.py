@@ -9,6 +9,9 @@ Prints JSON lines, every ratio from figures measured in the same run:
 * ``fvp_<method>``: one Fisher-vector product (``mlp``: the hand-written MLP passes,
   ``gauss_newton``: autograd closed form, ``double_backward``: Hessian of the KL) and its setup
   (once per step), with their max abs difference to ``double_backward`` on the same vector;
+* ``fvp_mlp_cache`` / ``trpo_update_mlp_cache``: the ``mlp`` product with
+  ``jacobian_cache=True`` (the per-state first-layer Jacobian built once per step; off by
+  default since 2026-12-03, when it measured slower on this project's host);
 * ``trpo_update_<method>``: one full update via ``trpo_step`` (gradient, 10 CG iterations, line
   search) from the same starting parameters, in gradients of time (target <= 12 with the default
   ``fisher="auto"`` = ``mlp``), and the cosine between its step and the ``double_backward`` one.
@@ -25,7 +28,9 @@ Usage: PYTHONPATH=. python benchmarks/bench_trpo.py [--batch 50000] [--threads 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import functools
 import json
 import sys
 import time
@@ -34,10 +39,22 @@ import torch
 from tensordict import TensorDict
 
 from torchrl_depeff.modules.actors import make_gaussian_actor
+import torchrl_depeff.objectives.trpo as trpo_module
 from torchrl_depeff.objectives.trpo import TRPOLoss, trpo_step
+from torchrl_depeff.optim.fisher import mlp_gaussian_fvp
 from torchrl_depeff.optim.trust_region import ConjugateGradientTrustRegion
 
 METHODS = ("mlp", "gauss_newton", "double_backward")
+
+
+@contextlib.contextmanager
+def _jacobian_cache():
+    """``fisher="mlp"`` with ``jacobian_cache=True`` (benchmark only: the loss calls the module-level name)."""
+    trpo_module.mlp_gaussian_fvp = functools.partial(mlp_gaussian_fvp, jacobian_cache=True)
+    try:
+        yield
+    finally:
+        trpo_module.mlp_gaussian_fvp = mlp_gaussian_fvp
 
 
 def _best(fn, repeats: int) -> float:
@@ -112,11 +129,14 @@ def main() -> None:
 
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1))
     ref = loss.make_fisher_vector_product(td, params, damping=0.1, method="double_backward")(v)
-    for m in METHODS:
-        fvp = loss.make_fisher_vector_product(td, params, damping=0.1, method=m)
-        out = fvp(v)
-        t_fvp = _best(lambda: fvp(v), args.repeats)
-        t_setup = _best(lambda: loss.make_fisher_vector_product(td, params, damping=0.1, method=m), args.repeats)
+    for m in (*METHODS, "mlp_cache"):
+        method = "mlp" if m == "mlp_cache" else m
+        with _jacobian_cache() if m == "mlp_cache" else contextlib.nullcontext():
+            fvp = loss.make_fisher_vector_product(td, params, damping=0.1, method=method)
+            out = fvp(v)
+            t_fvp = _best(lambda: fvp(v), args.repeats)
+            t_setup = _best(lambda: loss.make_fisher_vector_product(td, params, damping=0.1, method=method),
+                            args.repeats)
         print(json.dumps({"name": f"fvp_{m}", "seconds": round(t_fvp, 4), "setup_seconds": round(t_setup, 4),
                           "fvp_over_gradient": round(t_fvp / t_grad, 3),
                           "max_abs_diff_vs_double_backward": float((out - ref).abs().max()),
@@ -130,14 +150,15 @@ def main() -> None:
                 p.copy_(s)
 
     steps = {}
-    for m in reversed(METHODS):  # double_backward first: the reference step
+    for m in (*reversed(METHODS), "mlp_cache"):  # double_backward first: the reference step
         def full_update(m=m):
             restore()
-            return trpo_step(loss, opts[m], td)
+            return trpo_step(loss, opts["mlp" if m == "mlp_cache" else m], td)
 
-        info = full_update()
-        steps[m] = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(params, saved)])
-        t_update = _best(full_update, args.repeats)
+        with _jacobian_cache() if m == "mlp_cache" else contextlib.nullcontext():
+            info = full_update()
+            steps[m] = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(params, saved)])
+            t_update = _best(full_update, args.repeats)
         cos = torch.nn.functional.cosine_similarity(steps[m], steps["double_backward"], dim=0)
         print(json.dumps({"name": f"trpo_update_{m}", "seconds": round(t_update, 4), "cg_iters": 10,
                           "accepted": bool(info["accepted"]), "step_fraction": float(info["step_fraction"]),

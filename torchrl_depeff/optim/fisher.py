@@ -204,8 +204,7 @@ def mlp_gaussian_fvp(
     params: Sequence[torch.Tensor],
     *,
     damping: float = 0.0,
-    jacobian_cache: bool | None = None,
-    max_cache_elements: int = 1 << 27,
+    jacobian_cache: bool = False,
 ) -> FVP | None:
     r"""Exact Fisher product of :class:`~torchrl_depeff.modules.actors.GaussianPolicyNet`.
 
@@ -216,12 +215,15 @@ def mlp_gaussian_fvp(
     (``J v``, the two GEMMs of a layer fused into one) and one backward pass (``J^T w``) on
     activations stored once, at the cost of about four hidden-layer GEMMs.
 
-    With ``jacobian_cache`` (default: when the MLP has at least two hidden layers, the second
-    hidden layer is at least 16 times wider than the action and the cache holds at most
-    ``max_cache_elements`` floats), the per-state Jacobian of ``loc`` with respect
-    to the first hidden layer's output, ``[n, h_0, act]``, is computed once (``act`` GEMMs of the
-    second layer's size) and each product reads it twice instead of running the second layer's
-    tangent and input-gradient GEMMs: two hidden-layer GEMMs per product instead of four.
+    With ``jacobian_cache=True`` (MLPs with at least two hidden layers), the per-state Jacobian
+    of ``loc`` with respect to the first hidden layer's output, ``[n, h_0, act]``, is computed
+    once (``act`` GEMMs of the second layer's size) and each product reads it twice instead of
+    running the second layer's tangent and input-gradient GEMMs: two hidden-layer GEMMs per
+    product instead of four, but a memory-bound ``n x h_0 x act`` tensor (240 MB at BREMEN's
+    50 000 states and 200-200 policy) built and read at every TRPO step. Off by default: on this
+    project's CPU host of 2026-12-03 the cache made the BREMEN-size update slower (setup about
+    2 s, each product 0.39 s against 0.32 s without it; ``benchmarks/bench_trpo.py``); it paid
+    on an earlier host with faster memory.
 
     Must be called while ``params`` are the tensors ``net`` uses (e.g. inside
     ``loss.actor_network_params.to_module(actor)``); entries of ``params`` that are not ``net``'s
@@ -235,9 +237,7 @@ def mlp_gaussian_fvp(
 
     Keyword Args:
         damping (float): added multiple of the identity. Defaults to ``0``.
-        jacobian_cache (bool, optional): cache the first-layer Jacobian (see above); ``None``
-            decides by size. Defaults to ``None``.
-        max_cache_elements (int): size limit of the automatic cache. Defaults to ``2**27``.
+        jacobian_cache (bool): cache the first-layer Jacobian (see above). Defaults to ``False``.
 
     Returns:
         The product, or ``None`` when the network is not an MLP of ``nn.Linear`` and element-wise
@@ -290,12 +290,6 @@ def mlp_gaussian_fvp(
     num = len(linears)
     first_used = w_idx[0] is not None or b_idx[0] is not None
     h0 = linears[0].out_features
-    if jacobian_cache is None:
-        # the cache replaces 2 GEMMs of n x h_0 x h_1 by 2 batched row-matrix products of n x h_0 x act,
-        # which run an order of magnitude below GEMM speed: worth it for wide layers (measured by
-        # benchmarks/bench_trpo.py at 200-200 and bench_trpo_sb3.py at 64-64)
-        jacobian_cache = (num >= 3 and first_used and n * h0 * loc.shape[-1] <= max_cache_elements
-                          and linears[1].out_features >= 16 * loc.shape[-1])
     kt = None
     if jacobian_cache and num >= 3 and first_used:
         with torch.no_grad():  # d loc / d h_0 per state: [n, h_0, act], the 2 GEMMs per product it saves
