@@ -83,7 +83,7 @@ class EnsembleTrainer:
        is gathered at once into contiguous ``[E, batch_size, d]`` blocks, so a step is the
        network, the loss, the backward and a fused Adam update (no tensordict, no
        normaliser; the same numbers as running ``EnsembleDynamicsLoss`` on tensordict
-       minibatches, tested). After the first step the gradients go straight to the fused
+       minibatches, tested). On CPU, after the first step the gradients go straight to the fused
        Adam kernel on the optimiser's own state (``optimizer.step()``'s Python and ``.grad``
        bookkeeping skipped), and a deterministic ReLU ensemble with the MSE loss has its
        backward written out with autograd's kernels (no graph); both bit for bit the generic
@@ -374,7 +374,7 @@ class EnsembleTrainer:
     def _step_plan(self, x: torch.Tensor) -> _StepPlan | None:
         """How the steps of an epoch on minibatches like ``x`` run (``None``: the generic path).
 
-        The direct fused-Adam step needs the trainer's own ``torch.optim.Adam(fused=True)``
+        The direct fused-Adam step needs CPU parameters, the trainer's own ``torch.optim.Adam(fused=True)``
         (one group holding exactly the ensemble's parameters, no amsgrad/maximize/capturable/
         differentiable/decoupled weight decay, a float learning rate, state initialised by a
         first regular step, no optimiser hooks) and parameters that all require grad and carry
@@ -387,6 +387,8 @@ class EnsembleTrainer:
         params = list(ens.parameters())
         if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or not hasattr(torch, "_fused_adam_"):
             return None
+        if any(p.device.type != "cpu" for p in params):
+            return None  # measured and tested on CPU only (no GPU was lent to check it on CUDA)
         group = opt.param_groups[0]
         if (not group.get("fused") or group.get("amsgrad") or group.get("maximize") or group.get("capturable")
                 or group.get("differentiable") or group.get("decoupled_weight_decay")
