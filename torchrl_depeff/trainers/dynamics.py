@@ -324,8 +324,8 @@ class EnsembleTrainer:
         input / weight gradients; ``threshold_backward`` on the ReLU output; the bias gradient
         summed over rows; the loss gradient ``(0.5 / b) * (2 * diff)``), so the gradients are
         bitwise those of ``backward()``; without graph bookkeeping, autograd nodes or gradient
-        accumulation the step is about 1.3x faster at the quick preset's 5 x 200-200 on 2 threads
-        (``benchmarks/bench_ensemble.py``). Returns the data term ``[E]`` and the gradients in
+        accumulation the step is 1.17-1.21x faster at the quick preset's 5 x 200-200 (1 and 2
+        threads, with the direct Adam step; ``benchmarks/bench_ensemble.py``). Returns the data term ``[E]`` and the gradients in
         :meth:`~torch.nn.Module.parameters` order.
         """
         layers = self.ensemble.network.layers
@@ -354,7 +354,7 @@ class EnsembleTrainer:
     def _adam_step(plan: _StepPlan, grads: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         """``optimizer.step()`` of the trainer's fused Adam with ``grads``, without its Python.
 
-        The calls ``torch.optim.Adam(fused=True).step()`` makes for one CPU/CUDA float group
+        The calls ``torch.optim.Adam(fused=True).step()`` makes for one CPU float group
         (``_foreach_add_`` of the step counters, then ``torch._fused_adam_``) on the optimiser's
         own state tensors, read at every step (a ``load_state_dict`` replaces them) with the
         group's current hyper-parameters: the same parameters and state bit for bit (tested).
