@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from tensordict.nn import TensorDictModule
 
 from torchrl_depeff.algorithms.components import RealEnvEvaluation
 from torchrl_depeff.envs import make_env, make_vector_env
@@ -33,8 +34,6 @@ class TestBatchedEvaluation:
     @pytest.mark.parametrize("task,max_steps", [("halfcheetah", 200), ("hopper", 1000)])
     def test_exact_for_a_rowwise_policy(self, task, max_steps):
         # seeding, stepping, the first-done cut and the sums equal the sequential episodes exactly
-        from tensordict.nn import TensorDictModule
-
         spec = get_task(task)
         policy = TensorDictModule(_Elementwise(spec.action_dim), in_keys=["observation"], out_keys=["action"])
         sequential, batched = _evaluators(task, 3, max_steps)
@@ -58,6 +57,7 @@ class TestBatchedEvaluation:
         r_bat, l_bat = batched.returns(actor)
         torch.testing.assert_close(r_bat, r_seq, rtol=1e-3, atol=1e-2)
         assert torch.equal(l_seq, l_bat)
+
     def test_wrong_batch_size_is_refused(self):
         ev = RealEnvEvaluation(lambda: make_env("hopper"), episodes=3, max_steps=10, seed=0,
                                make_batched_env=lambda n: make_vector_env("hopper", n + 1))

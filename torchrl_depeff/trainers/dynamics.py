@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import tqdm
 from tensordict import TensorDict, TensorDictBase
+from torch.nn.modules import module as _torch_module
+from torch.optim import optimizer as _torch_optimizer
 from torchrl._utils import logger as torchrl_logger
 
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
@@ -28,18 +30,14 @@ class _StepPlan:
 
 
 def _global_optimizer_hooks() -> bool:
-    from torch.optim import optimizer as _optimizer
-
-    return bool(getattr(_optimizer, "_global_optimizer_pre_hooks", None)
-                or getattr(_optimizer, "_global_optimizer_post_hooks", None))
+    return bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+                or getattr(_torch_optimizer, "_global_optimizer_post_hooks", None))
 
 
 def _has_module_hooks(module: torch.nn.Module) -> bool:
-    from torch.nn.modules import module as _module
-
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
              "_global_backward_pre_hooks")
-    if any(getattr(_module, name, None) for name in names):
+    if any(getattr(_torch_module, name, None) for name in names):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in module.modules())
