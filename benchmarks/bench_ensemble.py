@@ -11,13 +11,17 @@ Figures:
     (bmm / loop / auto), a Python loop over 5 nn.Sequential, and torch.vmap over stacked params.
   * ``grouped_predict``: ``DynamicsEnsemble.predict(member_index=...)`` grouped_mm vs padded vs
     loop vs computing every member then gathering.
+  * ``fit_precision``: ``EnsembleTrainer.fit`` with ``matmul_precision="ieee"`` vs ``"bf16"``
+    (where the CPU has native bfloat16) on 8 000 random-action HalfCheetah-v5 transitions, same
+    seeds: wall time and the best holdout loss of each, at the quick and BREMEN sizes.
   * ``trainer_step``: ``EnsembleTrainer``'s epoch (shuffle, minibatch gather, forward, loss,
     backward, fused Adam) per step, at the quick (5 x [23 -> 2 x 200 -> 17]), MB2PO
     (5 x [23 -> 4 x 200 swish -> 36], Gaussian NLL) and BREMEN (5 x [23 -> 2 x 1024 -> 17])
     sizes, batch 256 per member, against the generic step (autograd into ``.grad``, then
     ``optimizer.step()``), the implementation before issue 15 (tensordict
     minibatches through ``EnsembleDynamicsLoss``), the big-GEMM rate and the time of the step's
-    matrix products alone at their own shapes (forward, weight and input gradients).
+    matrix products alone at their own shapes (forward, weight and input gradients), and (with
+    native bfloat16) the same step with ``matmul_precision="bf16"``.
 Each figure is one function ``bench_<name>(args) -> list[dict]`` so more can be added.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch.func import functional_call, stack_module_state
 from tensordict import TensorDict
 
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble, EnsembleMLP
-from torchrl_depeff.trainers.dynamics import EnsembleTrainer
+from torchrl_depeff.trainers.dynamics import EnsembleTrainer, _cpu_matmul_precision, _native_bf16
 
 E = 5
 SIZES = {
@@ -314,6 +318,8 @@ def bench_trainer_step(args: argparse.Namespace, gemm_gflops: float) -> list[dic
             "generic": (lambda t=trainers["generic"]: t[0]._train_epoch(t[2])),
             "previous": (lambda t=trainers["previous"]: _reference_epoch(t[0], t[1])),
         }
+        if _native_bf16():  # the "new" trainer's step with bfloat16 products (what fit(matmul_precision="bf16") runs)
+            fns["bf16"] = lambda t=trainers["new"]: _bf16_epoch(t[0], t[2])
         secs = _time_group(fns, args.min_time, warmup=2, rounds=5)
         big_gflops = max(gemm_gflops, 2 * 1000 * 1024 * 1024 / secs.pop("gemm") / 1e9)
         flops = 3 * E * _mlp_flops(sizes[0], tuple(hidden), sizes[-1], b)  # fwd + bwd (2x fwd), per step
@@ -328,6 +334,44 @@ def bench_trainer_step(args: argparse.Namespace, gemm_gflops: float) -> list[dic
         rec["new_over_previous_speed"] = round(secs["previous"] / secs["new"], 3)
         rec["new_over_generic_speed"] = round(secs["generic"] / secs["new"], 3)
         rec["new_frac_of_shape_bound"] = round(bound * steps / secs["new"], 3)
+        if "bf16" in secs:
+            rec["bf16_over_new_speed"] = round(secs["new"] / secs["bf16"], 3)
+        records.append(_emit(rec))
+    return records
+
+
+def _bf16_epoch(trainer: EnsembleTrainer, train: tuple[torch.Tensor, torch.Tensor]) -> None:
+    with _cpu_matmul_precision("bf16"):
+        trainer._train_epoch(train)
+
+
+def bench_fit_precision(args: argparse.Namespace) -> list[dict]:
+    """Whole fits in float32 and with bfloat16 products: time and holdout loss, same data and seeds."""
+    if not _native_bf16():
+        return [_emit({"figure": "fit_precision", "skipped": "no native bfloat16 on this CPU"})]
+    from torchrl_depeff.envs import make_vector_env
+
+    env = make_vector_env("halfcheetah", 8)
+    env.set_seed(0)
+    torch.manual_seed(0)
+    data = env.rollout(200 if args.quick else 1000).reshape(-1)  # random actions
+    records = []
+    for size, (hidden, epochs) in {"quick": ((200, 200), 50), "bremen": ((1024, 1024), 10)}.items():
+        rec: dict = {"figure": "fit_precision", "size": size, "rows": data.shape[0], "epochs": epochs}
+        for precision in ("ieee", "bf16"):
+            secs, losses = 0.0, []
+            for seed in range(1 if args.quick else 3):
+                torch.manual_seed(seed)
+                model = DynamicsEnsemble(17, 6, num_members=E, num_cells=hidden)
+                trainer = EnsembleTrainer(model, batch_size=256, max_epochs=2 if args.quick else epochs,
+                                          patience=1000, seed=seed, matmul_precision=precision)
+                t0 = time.perf_counter()
+                losses.append(trainer.fit(data).holdout_loss.mean().item())
+                secs += time.perf_counter() - t0
+            rec[f"{precision}_fit_s"] = round(secs, 2)
+            rec[f"{precision}_holdout_loss"] = [round(v, 6) for v in losses]
+        rec["bf16_over_ieee_speed"] = round(rec["ieee_fit_s"] / rec["bf16_fit_s"], 3)
+        rec["bf16_over_ieee_holdout"] = round(sum(rec["bf16_holdout_loss"]) / sum(rec["ieee_holdout_loss"]), 4)
         records.append(_emit(rec))
     return records
 
@@ -353,6 +397,8 @@ def main() -> None:
         bench_grouped_predict(args)
     if only is None or "trainer_step" in only:
         bench_trainer_step(args, gemm)
+    if only is None or "fit_precision" in only:
+        bench_fit_precision(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ own fresh output directory) from their own tree with the same interpreter and en
 alternating baseline / current for ``--rounds`` rounds (the machine is shared: interleaving puts
 both under the same load). One JSON line per run (wall seconds, load average, final table) and a
 summary line with the ratio baseline / current of the best times and of the medians.
+``--opt-in OVERRIDE...`` adds a third run per round, this checkout with those overrides (e.g.
+``bremen.model.matmul_precision=bf16``), reported as ``current+opt_in``.
 """
 from __future__ import annotations
 
@@ -38,13 +40,17 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, required=True, help="a worktree of the earlier commit")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--extra", nargs="*", default=[], help="extra overrides for both runs")
+    p.add_argument("--opt-in", nargs="*", default=[], help="overrides of a third run of this checkout")
     args = p.parse_args()
-    times: dict[str, list[float]] = {"baseline": [], "current": []}
+    variants = [("baseline", args.baseline.resolve(), []), ("current", ROOT, [])]
+    if args.opt_in:
+        variants.append(("current+opt_in", ROOT, args.opt_in))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for name, tree in (("baseline", args.baseline.resolve()), ("current", ROOT)):
-                seconds, history = run(tree, Path(tmp) / f"{name}-{r}", args.extra)
+            for name, tree, own in variants:
+                seconds, history = run(tree, Path(tmp) / f"{name}-{r}", [*args.extra, *own])
                 times[name].append(seconds)
                 tables[name] = [{k: h.get(k) for k in ("deployment/count", "deployment/return_mean", "eval/return_mean")}
                                 for h in history]
@@ -57,6 +63,10 @@ def main() -> None:
         "median_s": {k: round(statistics.median(v), 1) for k, v in times.items()},
         "speedup_best": round(min(times["baseline"]) / min(times["current"]), 2),
         "speedup_median": round(statistics.median(times["baseline"]) / statistics.median(times["current"]), 2),
+        **({"opt_in": args.opt_in,
+            "opt_in_speedup_best": round(min(times["baseline"]) / min(times["current+opt_in"]), 2),
+            "opt_in_speedup_median": round(statistics.median(times["baseline"]) / statistics.median(times["current+opt_in"]), 2)}
+           if args.opt_in else {}),
         "tables": tables,
         "commit_baseline": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline, capture_output=True,
                                           text=True).stdout.strip(),

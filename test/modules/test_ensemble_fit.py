@@ -8,6 +8,7 @@ import torch
 from tensordict import TensorDict
 
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+from torchrl_depeff.trainers import dynamics
 from torchrl_depeff.trainers.dynamics import EnsembleTrainer, FitResult
 
 OBS, ACT = 3, 2
@@ -413,3 +414,103 @@ class TestDirectStep:
         pre = EnsembleTrainer(_model(), batch_size=32, max_epochs=1)
         pre.optimizer.register_step_pre_hook(lambda *a: None)
         assert plan(pre) is None
+
+
+_NATIVE_BF16 = dynamics._native_bf16()
+needs_bf16 = pytest.mark.skipif(not _NATIVE_BF16, reason="this CPU has no native bfloat16 (AMX / AVX512-BF16)")
+
+
+class TestMatmulPrecision:
+    """``EnsembleTrainer(matmul_precision=...)``: scoped to ``fit``, validated, and really applied."""
+
+    @staticmethod
+    def _fit(precision, **kwargs):
+        torch.manual_seed(0)
+        model = _model(num_cells=(64, 64))
+        trainer = EnsembleTrainer(model, batch_size=64, max_epochs=4, patience=10, matmul_precision=precision,
+                                  **kwargs)
+        return model, trainer.fit(_linear_data(n=800, noise=0.05))
+
+    def test_bad_values_are_refused(self, monkeypatch):
+        with pytest.raises(ValueError, match="'fp16'"):
+            EnsembleTrainer(_model(), matmul_precision="fp16")
+        monkeypatch.setattr(dynamics, "_native_bf16", lambda: False)
+        with pytest.raises(ValueError, match="native bfloat16"):
+            EnsembleTrainer(_model(), matmul_precision="bf16")
+        EnsembleTrainer(_model(), matmul_precision="ieee")  # always available
+
+    def test_setting_is_scoped_to_fit(self, monkeypatch):
+        monkeypatch.setattr(dynamics, "_native_bf16", lambda: True)
+        seen = []
+        trainer = EnsembleTrainer(_model(), batch_size=64, max_epochs=2, matmul_precision="bf16")
+        epoch = trainer._train_epoch
+        holdout = trainer._holdout_mse
+
+        def record_epoch(train):
+            seen.append(("train", torch.backends.mkldnn.matmul.fp32_precision))
+            return epoch(train)
+
+        def record_holdout(data):
+            seen.append(("holdout", torch.backends.mkldnn.matmul.fp32_precision))
+            return holdout(data)
+
+        monkeypatch.setattr(trainer, "_train_epoch", record_epoch)
+        monkeypatch.setattr(trainer, "_holdout_mse", record_holdout)
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        trainer.fit(_linear_data(n=200))
+        assert seen == [("train", "bf16"), ("holdout", "bf16")] * 2
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+        bad = _linear_data(n=200)
+        bad["observation"][3, 1] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            trainer.fit(bad)
+        assert torch.backends.mkldnn.matmul.fp32_precision == before  # restored after an error too
+        seen.clear()
+        untouched = EnsembleTrainer(_model(), batch_size=64, max_epochs=1)
+        monkeypatch.setattr(untouched, "_train_epoch", record_epoch)
+        untouched.fit(_linear_data(n=200))
+        assert seen == [("train", before)]
+
+    def test_bf16_refuses_parameters_off_cpu(self, monkeypatch):
+        monkeypatch.setattr(dynamics, "_native_bf16", lambda: True)
+        trainer = EnsembleTrainer(_model(), batch_size=64, max_epochs=1, matmul_precision="bf16")
+        trainer.ensemble.to("meta")
+        with pytest.raises(ValueError, match="CPU .*meta"):
+            trainer.fit(_linear_data(n=200))
+
+    def test_ieee_is_the_default_arithmetic(self):
+        model_none, res_none = self._fit(None)
+        model_ieee, res_ieee = self._fit("ieee")
+        assert torch.equal(res_none.holdout_loss, res_ieee.holdout_loss)
+        for a, b in zip(model_none.parameters(), model_ieee.parameters()):
+            assert torch.equal(a, b)
+
+    @needs_bf16
+    def test_bf16_rounds_differently_and_fits_as_well(self):
+        model_ieee, res_ieee = self._fit("ieee")
+        model_bf16, res_bf16 = self._fit("bf16")
+        assert not all(torch.equal(a, b) for a, b in zip(model_ieee.parameters(), model_bf16.parameters()))
+        # same data, seed and steps: the fit quality is float32's within a few percent
+        ratio = res_bf16.holdout_loss / res_ieee.holdout_loss
+        assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
+        # "ieee" forces float32 products even when torch's global setting says bf16
+        settings = torch.backends.mkldnn.matmul
+        previous = settings.fp32_precision
+        settings.fp32_precision = "bf16"
+        try:
+            model_forced, res_forced = self._fit("ieee")
+        finally:
+            settings.fp32_precision = previous
+        assert torch.equal(res_forced.holdout_loss, res_ieee.holdout_loss)
+
+    def test_config_field_reaches_the_trainer(self, monkeypatch):
+        from torchrl_depeff.algorithms import BREMENConfig
+        from torchrl_depeff.algorithms.bremen import make_trainer
+
+        monkeypatch.setattr(dynamics, "_native_bf16", lambda: True)
+        cfg = BREMENConfig.preset("halfcheetah", "smoke").override({"model.matmul_precision": "bf16"})
+        trainer = make_trainer(cfg.make_ensemble(), cfg.model, seed=0)
+        assert trainer.matmul_precision == "bf16"
+        assert make_trainer(cfg.make_ensemble(), BREMENConfig().model, seed=0).matmul_precision is None
+        with pytest.raises(ValueError, match="model.matmul_precision must be one of .*'fp16'"):
+            BREMENConfig().override({"model.matmul_precision": "fp16"})

@@ -394,7 +394,7 @@ def make_trainer(ensemble: DynamicsEnsemble, model: ModelConfig, *, seed: int, l
     return EnsembleTrainer(
         ensemble, lr=model.lr, weight_decay=model.weight_decay, batch_size=model.batch_size,
         holdout_ratio=model.holdout_ratio, max_epochs=model.max_epochs, patience=model.patience,
-        loss_type=loss_type, logger=logger, progress=progress, seed=seed,
+        loss_type=loss_type, logger=logger, progress=progress, seed=seed, matmul_precision=model.matmul_precision,
     )
 
 

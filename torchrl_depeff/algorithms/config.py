@@ -26,6 +26,8 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
+from torchrl_depeff.trainers.dynamics import MATMUL_PRECISIONS
+
 __all__ = [
     "BCConfig",
     "ConfigBase",
@@ -331,6 +333,11 @@ class ModelConfig(Section):
         max_epochs (int): epoch cap of one fit. Defaults to 200.
         patience (int): early-stopping patience (epochs). Defaults to 5.
         holdout_ratio (float): holdout fraction in ``[0, 1)``. Defaults to 0.15.
+        matmul_precision (str, optional): float32 matrix-product precision of the fit on CPU:
+            ``"bf16"`` (bfloat16 factors, float32 accumulation, on AMX / AVX512-BF16 CPUs:
+            1.4-2x faster fits, see :class:`~torchrl_depeff.trainers.EnsembleTrainer`),
+            ``"ieee"`` (float32) or ``None`` (torch's global setting). Imaginary rollouts and the
+            policy updates are not affected. Defaults to ``None``.
 
     Examples:
         >>> from torchrl_depeff.algorithms.config import ModelConfig
@@ -352,6 +359,7 @@ class ModelConfig(Section):
     max_epochs: int = 200
     patience: int = 5
     holdout_ratio: float = 0.15
+    matmul_precision: str | None = None
 
     def _check(self, prefix: str) -> None:
         self.num_cells = check_cells(self.num_cells, _path(prefix, "num_cells"))
@@ -370,6 +378,8 @@ class ModelConfig(Section):
         check_float(self.lr, _path(prefix, "lr"), gt=0)
         check_float(self.weight_decay, _path(prefix, "weight_decay"), ge=0)
         check_float(self.holdout_ratio, _path(prefix, "holdout_ratio"), ge=0, lt=1)
+        if self.matmul_precision is not None:
+            check_choice(self.matmul_precision, _path(prefix, "matmul_precision"), MATMUL_PRECISIONS)
 
 
 @dataclass

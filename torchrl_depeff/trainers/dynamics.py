@@ -1,7 +1,9 @@
 """Fit routine of the dynamics ensemble: holdout split, per-member early stopping, elites."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,41 @@ from torchrl_depeff.objectives.dynamics import _LOG_2PI, EnsembleDynamicsLoss
 __all__ = ["EnsembleTrainer", "FitResult"]
 
 _OBS, _ACT, _NEXT_OBS, _REWARD = "observation", "action", ("next", "observation"), ("next", "reward")
+
+#: ``EnsembleTrainer(matmul_precision=...)`` values (``None``: torch's own setting)
+MATMUL_PRECISIONS = ("ieee", "bf16")
+
+
+def _native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 products natively on this CPU (AMX / AVX512-BF16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _check_matmul_precision(value: str | None) -> None:
+    if value is None:
+        return
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be None or one of {list(MATMUL_PRECISIONS)}, got {value!r}")
+    if value == "bf16" and not _native_bf16():
+        raise ValueError(
+            "matmul_precision='bf16' needs oneDNN and a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+            "this machine has none (it would run emulated, slower than float32): use None or 'ieee'"
+        )
+
+
+@contextlib.contextmanager
+def _cpu_matmul_precision(value: str | None) -> Iterator[None]:
+    """``torch.backends.mkldnn.matmul.fp32_precision = value`` inside the block (``None``: untouched)."""
+    if value is None:
+        yield
+        return
+    settings = torch.backends.mkldnn.matmul
+    previous = settings.fp32_precision
+    settings.fp32_precision = value
+    try:
+        yield
+    finally:
+        settings.fp32_precision = previous
 
 
 @dataclass
@@ -118,6 +155,18 @@ class EnsembleTrainer:
             ``model/holdout_loss_m{i}`` every epoch (step = epochs run over all calls).
         progress (bool): tqdm progress bar over epochs. Defaults to ``False``.
         seed (int): seed of the holdout split and of the shuffling generator. Defaults to ``0``.
+        matmul_precision (str, optional): float32 matrix-product precision on CPU during
+            :meth:`fit` (training steps and holdout scores), set through
+            ``torch.backends.mkldnn.matmul.fp32_precision`` and restored afterwards: ``"bf16"``
+            rounds the factors of every product to bfloat16 (8-bit mantissa) and accumulates in
+            float32 on the CPU's bfloat16 units (AMX / AVX512-BF16), like TF32 on a GPU;
+            parameters, gradients, Adam and the loss stay float32. Measured on a 2-core Xeon with
+            AMX (``benchmarks/bench_ensemble.py``, ``trainer_step``): 1.4x faster at the quick
+            preset's 5 x 200-200, 2x at BREMEN's 5 x 1024-1024, holdout loss within a few percent
+            of float32. ``"ieee"`` forces float32 products; ``None`` (default) leaves torch's
+            setting (``torch.set_float32_matmul_precision``) alone. ``"bf16"`` raises
+            ``ValueError`` on a CPU without native bfloat16, and at :meth:`fit` for parameters
+            not on CPU (the setting is oneDNN's).
 
     Examples:
         >>> from tensordict import TensorDict
@@ -148,6 +197,7 @@ class EnsembleTrainer:
         logger: Any | None = None,
         progress: bool = False,
         seed: int = 0,
+        matmul_precision: str | None = None,
     ) -> None:
         if not isinstance(ensemble, DynamicsEnsemble):
             raise TypeError(f"ensemble must be a DynamicsEnsemble, got {type(ensemble).__name__}")
@@ -172,6 +222,7 @@ class EnsembleTrainer:
             raise ValueError(f"patience must be >= 1, got {patience}")
         if max_holdout < 1:
             raise ValueError(f"max_holdout must be >= 1, got {max_holdout}")
+        _check_matmul_precision(matmul_precision)
         if loss_type is None:
             loss_type = "nll" if ensemble.probabilistic else "mse"
         E = ensemble.num_members
@@ -197,6 +248,7 @@ class EnsembleTrainer:
         self.logger = logger
         self.progress = progress
         self.seed = seed
+        self.matmul_precision = matmul_precision
         self.improvement_threshold = 0.01
         self._generator = torch.Generator().manual_seed(seed)
         self.total_epochs = 0
@@ -444,6 +496,17 @@ class EnsembleTrainer:
         Returns:
             :class:`FitResult`.
         """
+        if self.matmul_precision == "bf16":
+            device = next(self.ensemble.parameters()).device
+            if device.type != "cpu":
+                raise ValueError(
+                    f"matmul_precision='bf16' is a CPU (oneDNN) setting, the ensemble is on {device}: use None "
+                    "(and torch.backends.cuda.matmul.allow_tf32 on a GPU)"
+                )
+        with _cpu_matmul_precision(self.matmul_precision):
+            return self._fit(data)
+
+    def _fit(self, data: TensorDictBase) -> FitResult:
         data = self._prepare(data)
         n = data.shape[0]
         ens = self.ensemble
