@@ -168,7 +168,7 @@ class Section:
             >>> ModelConfig.from_dict({"members": 3})
             Traceback (most recent call last):
             ...
-            KeyError: "unknown config keys ['members'] (valid: ['activation', 'batch_size', 'holdout_ratio', 'lr', 'max_epochs', 'num_cells', 'num_elites', 'num_members', 'patience', 'predict_reward', 'probabilistic', 'weight_decay'])"
+            KeyError: "unknown config keys ['members'] (valid: ['activation', 'batch_size', 'holdout_ratio', 'lr', 'matmul_precision', 'max_epochs', 'num_cells', 'num_elites', 'num_members', 'patience', 'predict_reward', 'probabilistic', 'weight_decay'])"
         """
         if not isinstance(values, Mapping):
             raise TypeError(f"{prefix or cls.__name__} must be a mapping, got {type(values).__name__}")
@@ -335,7 +335,7 @@ class ModelConfig(Section):
         holdout_ratio (float): holdout fraction in ``[0, 1)``. Defaults to 0.15.
         matmul_precision (str, optional): float32 matrix-product precision of the fit on CPU:
             ``"bf16"`` (bfloat16 factors, float32 accumulation, on AMX / AVX512-BF16 CPUs:
-            1.4-2x faster fits, see :class:`~torchrl_depeff.trainers.EnsembleTrainer`),
+            1.4-1.8x faster fits, see :class:`~torchrl_depeff.trainers.EnsembleTrainer`),
             ``"ieee"`` (float32) or ``None`` (torch's global setting). Imaginary rollouts and the
             policy updates are not affected. Defaults to ``None``.
 

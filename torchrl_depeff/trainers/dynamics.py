@@ -157,16 +157,17 @@ class EnsembleTrainer:
         seed (int): seed of the holdout split and of the shuffling generator. Defaults to ``0``.
         matmul_precision (str, optional): float32 matrix-product precision on CPU during
             :meth:`fit` (training steps and holdout scores), set through
-            ``torch.backends.mkldnn.matmul.fp32_precision`` and restored afterwards: ``"bf16"``
-            rounds the factors of every product to bfloat16 (8-bit mantissa) and accumulates in
-            float32 on the CPU's bfloat16 units (AMX / AVX512-BF16), like TF32 on a GPU;
-            parameters, gradients, Adam and the loss stay float32. Measured on a 2-core Xeon with
-            AMX (``benchmarks/bench_ensemble.py``, ``trainer_step``): 1.4x faster at the quick
-            preset's 5 x 200-200, 2x at BREMEN's 5 x 1024-1024, holdout loss within a few percent
-            of float32. ``"ieee"`` forces float32 products; ``None`` (default) leaves torch's
-            setting (``torch.set_float32_matmul_precision``) alone. ``"bf16"`` raises
-            ``ValueError`` on a CPU without native bfloat16, and at :meth:`fit` for parameters
-            not on CPU (the setting is oneDNN's).
+            ``torch.backends.mkldnn.matmul.fp32_precision`` (process-wide: other threads'
+            products too, while ``fit`` runs) and restored afterwards: ``"bf16"`` rounds the
+            factors of every product to bfloat16 (8 significant bits) and accumulates in float32
+            on the CPU's bfloat16 units (AMX / AVX512-BF16), like TF32 on a GPU; parameters,
+            gradients, Adam and the loss stay float32. Measured on a 2-core Xeon with AMX
+            (``benchmarks/bench_ensemble.py``, ``trainer_step`` and ``fit_precision``): fits 1.4x
+            faster at the quick preset's 5 x 200-200 and 1.8x at BREMEN's 5 x 1024-1024, holdout
+            loss within 1 % of float32's. ``"ieee"`` forces float32 products; ``None``
+            (default) leaves torch's setting (``torch.set_float32_matmul_precision``) alone.
+            ``"bf16"`` raises ``ValueError`` on a CPU without native bfloat16, and at
+            :meth:`fit` for parameters not on CPU (the setting is oneDNN's).
 
     Examples:
         >>> from tensordict import TensorDict
