@@ -116,6 +116,10 @@ def test_tiny_run_outputs_and_refuses_other_config(tmp_path):
     assert DeploymentReplayBuffers(out / "deployments").num_deployments == 2
     # rerunning the finished run is a no-op resume
     assert _normalise(train(_compose(*TINY, f"output_dir={out}"))) == _normalise(history)
+    # a checkpoint written before model.matmul_precision existed resumes (absent = None, the default)
+    del ckpt["config"]["model"]["matmul_precision"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert _normalise(train(_compose(*TINY, f"output_dir={out}"))) == _normalise(history)
     # an offline run on the finished deployments directory: refused (mode differs), metrics.json kept
     before = (out / "metrics.json").read_bytes()
     with pytest.raises(ValueError, match="mode"):
