@@ -116,10 +116,13 @@ def test_tiny_run_outputs_and_refuses_other_config(tmp_path):
     assert DeploymentReplayBuffers(out / "deployments").num_deployments == 2
     # rerunning the finished run is a no-op resume
     assert _normalise(train(_compose(*TINY, f"output_dir={out}"))) == _normalise(history)
-    # a checkpoint written before model.matmul_precision existed resumes (absent = None, the default)
-    del ckpt["config"]["model"]["matmul_precision"]
+    # a checkpoint written before model.matmul_precision and evaluation.batched existed resumes
+    # (an absent field counts as its default: None, False); another value than the default does not
+    del ckpt["config"]["model"]["matmul_precision"], ckpt["config"]["evaluation"]["batched"]
     torch.save(ckpt, out / "checkpoint.pt")
     assert _normalise(train(_compose(*TINY, f"output_dir={out}"))) == _normalise(history)
+    with pytest.raises(ValueError, match=r"evaluation.batched=False->True"):
+        train(_compose(*TINY, f"output_dir={out}", "bremen.evaluation.batched=true"))
     # an offline run on the finished deployments directory: refused (mode differs), metrics.json kept
     before = (out / "metrics.json").read_bytes()
     with pytest.raises(ValueError, match="mode"):

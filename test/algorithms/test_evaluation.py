@@ -64,3 +64,34 @@ class TestBatchedEvaluation:
         actor = make_gaussian_actor(11, 3, num_cells=(8,))
         with pytest.raises(ValueError, match=r"batch size \[4\], expected \[3\]"):
             ev.returns(actor)
+
+
+class TestBatchedEvaluationConfig:
+    """``evaluation.batched``: the BREMEN-family loops evaluate in one batched env when asked."""
+
+    def test_loop_uses_the_batched_env(self, tmp_path):
+        from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig
+
+        cfg = BREMENConfig.tiny().override({"evaluation.episodes": 2, "evaluation.max_steps": 30})
+        plain = BREMEN(cfg, data_root=tmp_path / "plain")
+        batched = BREMEN(cfg.override({"evaluation.batched": True}), data_root=tmp_path / "batched")
+        assert plain.evaluator._make_batched_env is None
+        assert batched.evaluator._make_batched_env is not None
+        r_plain, l_plain = plain.evaluator.returns(plain.actor)
+        r_bat, l_bat = batched.evaluator.returns(batched.actor)  # the same seeded initial policy
+        assert batched.evaluator._batched_env is not None and tuple(batched.evaluator._batched_env.batch_size) == (2,)
+        assert batched.evaluator._env is None  # the one-episode env was never built
+        torch.testing.assert_close(r_bat, r_plain, rtol=1e-3, atol=1e-2)
+        assert torch.equal(l_bat, l_plain)
+
+    def test_refused_where_it_cannot_apply(self, tmp_path):
+        from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig
+        from torchrl_depeff.algorithms.mb2po import MB2POConfig
+
+        with pytest.raises(ValueError, match="evaluation.batched"):
+            BREMENConfig.tiny().override({"evaluation.batched": "yes"})
+        with pytest.raises(ValueError, match="evaluation.batched=True is not supported by MB2PO"):
+            MB2POConfig().override({"evaluation.batched": True})
+        cfg = BREMENConfig.tiny().override({"evaluation.batched": True})
+        with pytest.raises(ValueError, match="cannot use the eval_env given"):
+            BREMEN(cfg, data_root=tmp_path, eval_env=make_env("halfcheetah"))

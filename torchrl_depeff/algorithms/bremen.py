@@ -557,10 +557,14 @@ class BREMEN(DeploymentLoop):
                 log_interval=cfg.log_interval, checkpoint_interval=cfg.checkpoint_interval, make_env=make_env,
                 device=device, eval_every=cfg.evaluation.every_iterations,
             )
+        if cfg.evaluation.batched and eval_env is not None:
+            raise ValueError("evaluation.batched=True builds its own batched evaluation env "
+                             "(make_vector_env); it cannot use the eval_env given: pass one or the other")
         evaluator = RealEnvEvaluation(
             (lambda: eval_env) if eval_env is not None else functools.partial(make_env, cfg.task),
             episodes=cfg.evaluation.episodes, max_steps=cfg.evaluation.max_steps or task.max_episode_steps,
             seed=cfg.seed, analyses=analyses,
+            make_batched_env=functools.partial(make_vector_env, cfg.task) if cfg.evaluation.batched else None,
         )
         return dict(actor=actor, buffers=buffers, source=source, models=models, initializer=initializer,
                     improver=improver, evaluator=evaluator)

@@ -27,7 +27,8 @@ __all__ = [
 
 
 def config_diff(
-    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: tuple[str, ...] = ()
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: tuple[str, ...] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two flat config dicts: ``{key: (saved, current)}``.
 
@@ -39,21 +40,29 @@ def config_diff(
 
     Keyword Args:
         ignore (tuple[str, ...]): keys not compared.
+        defaults (Mapping, optional): the config class's default values: a key absent from
+            ``saved`` (a field added after the run was saved) counts as its default there, what
+            the code that saved it did without the field.
 
     Examples:
         >>> from torchrl_depeff.algorithms.common import config_diff
         >>> config_diff({"a": 1, "b": (2, 3)}, {"a": 2, "b": [2, 3], "c": 0})
         {'a': (1, 2), 'c': (None, 0)}
+        >>> config_diff({"a": 1}, {"a": 1, "c": False}, defaults={"a": 0, "c": False})
+        {}
+        >>> config_diff({"a": 1}, {"a": 1, "c": True}, defaults={"a": 0, "c": False})
+        {'c': (False, True)}
     """
 
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, (tuple, list)) else v
 
+    defaults = defaults or {}
     out = {}
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
             continue
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if norm(a) != norm(b):
             out[key] = (a, b)
     return out

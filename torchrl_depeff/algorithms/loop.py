@@ -298,6 +298,10 @@ class DeploymentLoop:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; refuses a checkpoint of another algorithm or config.
 
+        A config field the checkpoint lacks (added to the config class after it was written)
+        counts as the field's default: a run saved before the field existed resumes when the
+        current value is that default.
+
         Raises:
             ValueError: the checkpoint was written by another algorithm, another config (the
                 differing keys are named) or an older checkpoint format.
@@ -313,7 +317,7 @@ class DeploymentLoop:
         if state["algorithm"] != self.name:
             raise ValueError(f"checkpoint was written by {state['algorithm']}, not {self.name}")
         diff = config_diff(_flatten(state["config"]), _flatten(self.config.to_dict()),
-                           ignore=self.resumable_changes)
+                           ignore=self.resumable_changes, defaults=_class_defaults(self.config))
         if diff:
             raise ValueError(
                 "checkpoint was written with a different config; differing keys (saved -> current): "
@@ -348,6 +352,15 @@ class DeploymentLoop:
             f"{self.name}: resumed {self.run_dir} at deployment {self.deployment}, phase {self.phase!r}"
         )
         return True
+
+
+def _class_defaults(config: Any) -> dict[str, Any]:
+    """Flat default values of ``config``'s class (``{}`` when it cannot be built without arguments)."""
+    try:
+        default = type(config)()
+    except TypeError:
+        return {}
+    return _flatten(default.to_dict())
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -299,6 +299,9 @@ class MB2POEvalConfig(EvalConfig):
 
     def _check(self, prefix: str) -> None:
         super()._check(prefix)
+        if self.batched:
+            raise ValueError(f"{prefix}.batched=True is not supported by MB2PO: its evaluation env "
+                             "(make_native_env) scores the env's own reward for the D4RL score; use False")
         check_int(self.every_pretrain_steps, f"{prefix}.every_pretrain_steps")
         check_int(self.every_iterations, f"{prefix}.every_iterations")
 
