@@ -68,6 +68,27 @@ class TestWeightedBCLoss:
             mu = torch.tanh(actor.module[0].module.linear(td["observation"]))
         torch.testing.assert_close(out["loss_weighted_bc"], (0.5 * (td["action"] - mu).pow(2).sum(-1)).mean())
 
+    def test_mse_skips_the_distribution(self, monkeypatch):
+        # eq. (3) reads the mean only: no distribution is built, no sample drawn, same value and gradients
+        actor, td = _prob_actor(), _data()
+        loss = WeightedBCLoss(actor)
+        full = actor(td.select("observation").clone())
+        expected = (0.5 * (td["action"] - full["loc"]).pow(2).sum(-1)).mean()
+        grads_full = torch.autograd.grad(expected, list(actor.parameters()))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the mse loss built the action distribution")
+
+        monkeypatch.setattr(IndependentNormal, "__init__", refuse)
+        rng = torch.get_rng_state()
+        out = loss(td)["loss_weighted_bc"]
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert torch.equal(out, expected)
+        for a, b in zip(torch.autograd.grad(out, list(loss.parameters())), grads_full):
+            assert torch.equal(a, b)
+        with pytest.raises(AssertionError, match="built the action distribution"):
+            WeightedBCLoss(actor, loss_type="log_prob")(td)  # the log-prob loss needs it
+
     def test_log_prob_equals_gaussian_nll(self):
         actor, td = _prob_actor(), _data()
         out = WeightedBCLoss(actor, loss_type="log_prob")(td)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import dispatch, TensorDictModuleBase
+from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torchrl._utils import logger as torchrl_logger
 from torchrl.objectives.common import LossModule
@@ -188,7 +188,11 @@ class WeightedBCLoss(LazyKeys, LossModule):
 
         with self.actor_network_params.to_module(self.actor_network):
             if self.loss_type == "mse":
-                loc = self.actor_network(td_in).get(keys.loc, default=None)
+                # eq. (3) needs the mean only: a probabilistic actor runs its deterministic part
+                # (the same ops for the mean, no distribution, sample or log-prob)
+                net = self.actor_network
+                run = net.get_dist_params if isinstance(net, ProbabilisticTensorDictSequential) else net
+                loc = run(td_in).get(keys.loc, default=None)
                 if loc is None:
                     raise KeyError(f"the actor did not write the mean entry {keys.loc!r}")
             else:
