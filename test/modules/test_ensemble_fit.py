@@ -498,7 +498,7 @@ class TestMatmulPrecision:
         previous = settings.fp32_precision
         settings.fp32_precision = "bf16"
         try:
-            model_forced, res_forced = self._fit("ieee")
+            _, res_forced = self._fit("ieee")
         finally:
             settings.fp32_precision = previous
         assert torch.equal(res_forced.holdout_loss, res_ieee.holdout_loss)
