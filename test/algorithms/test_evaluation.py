@@ -95,3 +95,127 @@ class TestBatchedEvaluationConfig:
         cfg = BREMENConfig.tiny().override({"evaluation.batched": True})
         with pytest.raises(ValueError, match="cannot use the eval_env given"):
             BREMEN(cfg, data_root=tmp_path, eval_env=make_env("halfcheetah"))
+
+
+def _hooked(actor):
+    """A copy of ``actor`` with a no-op forward hook: the plain-tensor call does not apply (``env.rollout`` runs)."""
+    import copy
+
+    actor = copy.deepcopy(actor)
+    actor.register_forward_hook(lambda *args: None)
+    return actor
+
+
+class TestPlainEpisodes:
+    """One-copy native env + deterministic actor: episodes without tensordicts, the rollout's returns."""
+
+    @staticmethod
+    def _count_plain(monkeypatch) -> list:
+        calls = []
+        original = RealEnvEvaluation._plain_episode
+
+        def spy(self, *args):
+            calls.append(1)
+            return original(self, *args)
+
+        monkeypatch.setattr(RealEnvEvaluation, "_plain_episode", spy)
+        return calls
+
+    @pytest.mark.parametrize("task,max_steps", [("halfcheetah", 300), ("hopper", 1000)])
+    def test_equal_to_the_tensordict_rollout(self, task, max_steps, monkeypatch):
+        spec = get_task(task)
+        torch.manual_seed(1)
+        actor = make_gaussian_actor(spec.observation_dim, spec.action_dim, num_cells=(64, 64))
+        with torch.no_grad():  # a policy that moves: large enough weights to reach terminations
+            for p in actor.parameters():
+                p.mul_(3.0)
+        calls = self._count_plain(monkeypatch)
+        fast = RealEnvEvaluation(lambda: make_vector_env(task, 1), episodes=3, max_steps=max_steps, seed=3)
+        r_fast, l_fast = fast.returns(actor)
+        assert len(calls) == 3
+        # the same env through env.rollout (a wrapped policy), and make_env's GymEnv stack
+        r_roll, l_roll = fast.returns(_hooked(actor))
+        assert len(calls) == 3
+        r_gym, l_gym = RealEnvEvaluation(lambda: make_env(task), episodes=3, max_steps=max_steps, seed=3).returns(actor)
+        assert torch.equal(r_fast, r_roll) and torch.equal(l_fast, l_roll)
+        assert torch.equal(r_fast, r_gym) and torch.equal(l_fast, l_gym)
+        assert len(set(r_fast.tolist())) == 3
+        if task == "hopper":
+            assert (l_fast < max_steps).all()  # terminations: each episode stops at its first done
+        else:
+            assert (l_fast == max_steps).all()
+        assert torch.equal(fast.returns(actor)[0], r_fast)  # reseeded: a second call repeats them
+
+    def test_max_steps_cap(self):
+        actor = make_gaussian_actor(17, 6, num_cells=(8,))
+        fast = RealEnvEvaluation(lambda: make_vector_env("halfcheetah", 1), episodes=1, max_steps=7, seed=0)
+        r, lengths = fast.returns(actor)
+        r_roll, _ = fast.returns(_hooked(actor))
+        assert lengths.tolist() == [7.0] and torch.equal(r, r_roll)
+
+    def test_where_it_does_not_apply(self, monkeypatch):
+        from torchrl.envs import StepCounter, TransformedEnv
+
+        calls = self._count_plain(monkeypatch)
+        actor = make_gaussian_actor(17, 6, num_cells=(8,))
+        for make in (lambda: make_env("halfcheetah"), lambda: make_vector_env("halfcheetah", 2),
+                     lambda: TransformedEnv(make_vector_env("halfcheetah", 1).base_env, StepCounter())):
+            RealEnvEvaluation(make, episodes=1, max_steps=5, seed=0).returns(actor)
+        # sampling actions: the rollout's random stream
+        RealEnvEvaluation(lambda: make_vector_env("halfcheetah", 1), episodes=1, max_steps=5, seed=0,
+                          deterministic=False).returns(actor)
+        assert calls == []
+
+    def test_nan_action_is_refused(self):
+        actor = make_gaussian_actor(17, 6, num_cells=(8,))
+        with torch.no_grad():
+            next(actor.parameters()).fill_(float("nan"))
+        fast = RealEnvEvaluation(lambda: make_vector_env("halfcheetah", 1), episodes=1, max_steps=5, seed=0)
+        with pytest.raises(ValueError, match="NaN"):
+            fast.returns(actor)
+
+    def test_bremen_evaluates_this_way_by_default(self, tmp_path, monkeypatch):
+        from torchrl_depeff.algorithms.bremen import BREMEN, BREMENConfig
+        from torchrl_depeff.envs.vector import NativeVectorEnv
+
+        calls = self._count_plain(monkeypatch)
+        cfg = BREMENConfig.tiny().override({"evaluation.episodes": 2, "evaluation.max_steps": 20})
+        algo = BREMEN(cfg, data_root=tmp_path)
+        r, _ = algo.evaluator.returns(algo.actor)
+        assert isinstance(algo.evaluator.env.base_env, NativeVectorEnv) and len(calls) == 2
+        r_gym, _ = RealEnvEvaluation(lambda: make_env(cfg.task), episodes=2, max_steps=20, seed=cfg.seed).returns(algo.actor)
+        assert torch.equal(r, r_gym)
+
+
+class TestDeterministicCall:
+    def test_equal_to_the_actor(self):
+        from tensordict import TensorDict
+        from torchrl.envs.utils import ExplorationType, set_exploration_type
+        from torchrl.modules import ProbabilisticActor, TanhNormal
+        from tensordict.nn import NormalParamExtractor
+        from torchrl_depeff.envs.model_env import _deterministic_call
+
+        torch.manual_seed(0)
+        gaussian = make_gaussian_actor(5, 2, num_cells=(16, 16))
+        net = torch.nn.Sequential(torch.nn.Linear(5, 4), NormalParamExtractor())
+        tanh = ProbabilisticActor(TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+                                  in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
+        obs = torch.randn(7, 5)
+        for actor in (gaussian, tanh):
+            call = _deterministic_call(actor)
+            with set_exploration_type(ExplorationType.DETERMINISTIC):
+                expected = actor(TensorDict({"observation": obs}, [7]))["action"]
+            assert torch.equal(call(obs), expected)
+        with set_exploration_type(ExplorationType.RANDOM):  # deterministic whatever the context
+            assert torch.equal(_deterministic_call(gaussian)(obs), _deterministic_call(gaussian)(obs))
+
+    def test_none_for_other_policies(self):
+        from torchrl_depeff.envs.model_env import _deterministic_call
+
+        actor = make_gaussian_actor(5, 2, num_cells=(8,))
+        assert _deterministic_call(TensorDictModule(torch.nn.Linear(5, 2), in_keys=["observation"],
+                                                    out_keys=["action"])) is None
+        assert _deterministic_call(actor, in_key="obs") is None  # reads another key
+        assert _deterministic_call(actor, out_key="act") is None
+        actor.register_forward_hook(lambda *a: None)
+        assert _deterministic_call(actor) is None

@@ -452,7 +452,10 @@ class BREMEN(DeploymentLoop):
         env (EnvBase | Callable[[], EnvBase], optional): the real env used for deployments (or a
             factory for multi-process collection). Defaults to ``make_env(config.task)``.
         eval_env (EnvBase, optional): env for evaluation episodes. Defaults to a separate
-            ``make_env(config.task)``.
+            ``make_vector_env(config.task, 1)``: the rows of ``make_env(config.task)`` (same
+            reset states, steps and Table 3 reward, bit for bit), whose deterministic episodes
+            :class:`~torchrl_depeff.algorithms.components.RealEnvEvaluation` runs without
+            tensordicts.
         logger (torchrl Logger, optional): receives scalars (``log_scalar(name, value, step)``).
         progress (bool): tqdm bars for collection, model fit and TRPO. Defaults to ``False``.
         checkpoint_fn (Callable[[BREMEN], None], optional): called at every checkpoint.
@@ -561,7 +564,7 @@ class BREMEN(DeploymentLoop):
             raise ValueError("evaluation.batched=True builds its own batched evaluation env "
                              "(make_vector_env); it cannot use the eval_env given: pass one or the other")
         evaluator = RealEnvEvaluation(
-            (lambda: eval_env) if eval_env is not None else functools.partial(make_env, cfg.task),
+            (lambda: eval_env) if eval_env is not None else functools.partial(make_vector_env, cfg.task, 1),
             episodes=cfg.evaluation.episodes, max_steps=cfg.evaluation.max_steps or task.max_episode_steps,
             seed=cfg.seed, analyses=analyses,
             make_batched_env=functools.partial(make_vector_env, cfg.task) if cfg.evaluation.batched else None,

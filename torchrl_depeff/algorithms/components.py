@@ -27,7 +27,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl._utils import logger as torchrl_logger
-from torchrl.envs import EnvBase
+from torchrl.envs import EnvBase, TransformedEnv
+from torchrl.envs.transforms import Compose
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.utils import ValueEstimators
 
@@ -35,8 +36,9 @@ from torchrl_depeff.collectors.deployment import DeploymentCollector, freeze_pol
 from torchrl_depeff.collectors.gate import DeploymentGate
 from torchrl_depeff.data.datasets import validate_offline_dataset
 from torchrl_depeff.data.episodes import completed_episode_returns, episode_start_states
-from torchrl_depeff.envs.model_env import EnsembleModelEnv
+from torchrl_depeff.envs.model_env import EnsembleModelEnv, _deterministic_call
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
+from torchrl_depeff.envs.vector import NativeVectorEnv
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 from torchrl_depeff.modules.baselines import LinearFeatureBaseline
 from torchrl_depeff.modules.distributions import mean_policy_kl as _mean_policy_kl
@@ -711,6 +713,19 @@ class ImaginaryTRPO:
 # --------------------------------------------------------------------
 
 
+def _single_native_env(env: EnvBase) -> NativeVectorEnv | None:
+    # a one-copy NativeVectorEnv, bare or in a plain TransformedEnv without transforms
+    # (make_vector_env(task, 1)): its steps can run without tensordicts
+    base = env
+    if type(env) is TransformedEnv:
+        if type(env.transform) is not Compose or len(env.transform) > 0:
+            return None
+        base = env.base_env
+    if type(base) is not NativeVectorEnv or tuple(base.batch_size) != (1,):
+        return None
+    return base
+
+
 class RealEnvEvaluation:
     """Evaluate phase: undiscounted real-env returns of the policy (not a deployment; nothing stored).
 
@@ -724,10 +739,21 @@ class RealEnvEvaluation:
     ``test/algorithms/test_evaluation.py``), but an MLP policy's matmul over ``episodes`` rows
     rounds differently from one row, and MuJoCo locomotion amplifies that: over 1000 HalfCheetah
     steps a trained policy's returns move by as much as their seed-to-seed spread (e.g. 869 /
-    2615 one by one, 812 / 2759 batched). It is 2-4x faster (2 episodes 4.6 s -> 1.9 s, 5
-    episodes 10.0 s -> 2.3 s on 2 cores) and off by default, so that the package's recorded
+    2615 one by one, 812 / 2759 batched). It is off by default, so that the package's recorded
     results stay comparable. Sampling policies (``deterministic=False``) draw their noise in
     another order either way.
+
+    One episode at a time on a one-copy :class:`~torchrl_depeff.envs.vector.NativeVectorEnv`
+    (``make_vector_env(task, 1)``, bare or in a ``TransformedEnv`` without transforms; BREMEN's
+    and MUSBO's default) with a deterministic probabilistic actor of plain networks (e.g.
+    :func:`~torchrl_depeff.modules.actors.make_gaussian_actor`), the episode runs without
+    tensordicts: the actor's deterministic call on the observation tensor, the env's
+    :meth:`~torchrl_depeff.envs.vector.NativeVectorEnv.step_tensors`, the same reset, stop rule
+    and reward sum as ``env.rollout``, so the returns are bit for bit the rollout's (tested);
+    the log-probability the rollout would compute and discard is skipped. Measured with
+    BREMEN's 64-64 actor on HalfCheetah, 2 cores: 2 episodes 0.31 s against 1.52 s for
+    ``make_env`` and 0.85 s batched; 5 episodes 0.84 s, 4.05 s and 0.87 s. Any other env or
+    policy runs ``env.rollout``.
 
     Args:
         make_env (Callable[[], EnvBase]): builds the evaluation env (called once, lazily); used
@@ -794,14 +820,37 @@ class RealEnvEvaluation:
         kind = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
         if self._make_batched_env is not None and self.episodes > 0:
             return self._batched_returns(policy, kind)
+        env = self.env
+        native = _single_native_env(env)
+        act = _deterministic_call(policy) if native is not None and self.deterministic else None
         returns, lengths = [], []
         for ep in range(self.episodes):
-            self.env.set_seed(self.seed + 10_000 + ep)
+            env.set_seed(self.seed + 10_000 + ep)
             with torch.no_grad(), set_exploration_type(kind):
-                td = self.env.rollout(self.max_steps, policy, break_when_any_done=True)
-            returns.append(td.get(("next", "reward")).sum())
-            lengths.append(td.shape[-1])
+                if act is not None:
+                    reward = self._plain_episode(env, native, act)
+                else:
+                    reward = env.rollout(self.max_steps, policy, break_when_any_done=True).get(("next", "reward"))
+            returns.append(reward.sum())
+            lengths.append(reward.shape[-2])
         return torch.stack(returns), torch.tensor(lengths, dtype=torch.float32)
+
+    def _plain_episode(self, env: EnvBase, native: NativeVectorEnv, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The rewards ``[1, T, 1]`` of ``env.rollout(max_steps, policy, break_when_any_done=True)``
+        on a one-copy :class:`~torchrl_depeff.envs.vector.NativeVectorEnv`, without tensordicts.
+
+        The same reset, the same actions (the policy's deterministic call on the same
+        observations), the same env steps and rewards, stopped at the first ``done`` or after
+        ``max_steps``: equal bit for bit to the rollout (``test/algorithms/test_evaluation.py``).
+        """
+        obs = env.reset().get("observation")
+        rewards = []
+        for _ in range(self.max_steps):
+            obs, reward, _, terminated, truncated = native.step_tensors(obs, act(obs))
+            rewards.append(reward)
+            if bool(terminated | truncated):  # the real env's numpy flags: no device sync
+                break
+        return torch.stack(rewards, 1)
 
     def _batched_returns(self, policy: nn.Module, kind: ExplorationType) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batched_env is None:

@@ -583,10 +583,12 @@ class EvalConfig(Section):
         batched (bool): run the episodes side by side in one batched env
             (:func:`~torchrl_depeff.envs.make_vector_env`, copy ``i`` seeded as episode ``i``;
             :class:`~torchrl_depeff.algorithms.components.RealEnvEvaluation`'s
-            ``make_batched_env``): 2-4x faster, the same start states and env steps, but the
-            policy's matmul over ``episodes`` rows rounds differently from one row, which moves
-            chaotic returns (HalfCheetah) by up to their seed-to-seed spread. Defaults to ``False``
-            (the package's recorded results were evaluated one episode at a time).
+            ``make_batched_env``): the same start states and env steps, but the policy's matmul
+            over ``episodes`` rows rounds differently from one row, which moves chaotic returns
+            (HalfCheetah) by up to their seed-to-seed spread. No faster than the default
+            one-at-a-time episodes, which run without tensordicts (2 HalfCheetah episodes 0.85 s
+            batched against 0.31 s, 5 episodes 0.87 s against 0.84 s, 2 cores). Defaults to
+            ``False``.
     """
 
     episodes: int = 3

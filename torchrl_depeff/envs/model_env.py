@@ -150,23 +150,19 @@ def _call_plain(module: nn.Module, inputs: list[torch.Tensor], out_keys: list) -
 _PROB_SEQ_FORWARDS = (ProbabilisticTensorDictSequential.forward, SafeProbabilisticTensorDictSequential.forward)
 
 
-def _probabilistic_call(policy: Any, in_keys: list) -> Callable[[dict], dict] | None:
-    """``root entries -> written entries`` of a sampling probabilistic actor without tensordicts.
+def _plain_probabilistic_parts(policy: Any) -> tuple[list, Any] | None:
+    """``(networks, last)`` of a probabilistic actor whose call :func:`_probabilistic_call` and
+    :func:`_deterministic_call` reproduce without tensordicts, else ``None``.
 
-    For a :class:`~tensordict.nn.ProbabilisticTensorDictSequential` (e.g. TorchRL's
-    ``ProbabilisticActor``) made of plain :class:`~tensordict.nn.TensorDictModule` networks and
-    one last probabilistic module that samples (interaction type ``RANDOM``, now or by default)
-    and returns its log-probability. The call runs the same networks, builds the same
-    distribution (``distribution_class(**params, **distribution_kwargs)``) and draws from it with
-    TorchRL's own ``sample_and_log_prob``, so values and the random stream are those of
-    ``policy(td)``; it only skips the tensordict plumbing (which took about 40 % of a rollout step
-    with BREMEN's 64-64 actor at 50 rows). Any other setting (spec projection, generators, caches, several samples, composite
-    distributions, deterministic interaction, hooks) returns ``None``: the tensordict call runs.
+    A :class:`~tensordict.nn.ProbabilisticTensorDictSequential` (e.g. TorchRL's
+    ``ProbabilisticActor``, not a subclass overriding ``forward``) made of plain
+    :class:`~tensordict.nn.TensorDictModule` networks and one last probabilistic module with
+    one sample key, a plain distribution class, and none of: spec projection, generators,
+    caches, several samples, composite distributions or outputs, hooks.
     """
     if not isinstance(policy, ProbabilisticTensorDictSequential) or type(policy).forward not in _PROB_SEQ_FORWARDS:
         return None
-    mods = list(policy.module)
-    *nets, last = mods
+    *nets, last = list(policy.module)
     if (
         not nets
         or not all(_plain_tdmodule(m) for m in nets)
@@ -179,7 +175,6 @@ def _probabilistic_call(policy: Any, in_keys: list) -> Callable[[dict], dict] | 
         or getattr(last, "safe", False)
         or last._forward_hooks
         or last._forward_pre_hooks
-        or not last.return_log_prob
         or last.num_samples is not None
         or last._generator is not None
         or last._generator_key is not None
@@ -187,28 +182,103 @@ def _probabilistic_call(policy: Any, in_keys: list) -> Callable[[dict], dict] | 
         or len(last.dist_sample_keys) != 1
         or not isinstance(last.distribution_class, type)
         or issubclass(last.distribution_class, CompositeDistribution)
-        or (interaction_type() or last.default_interaction_type) is not InteractionType.RANDOM
     ):
         return None
     steps = [
         (m.module, [unravel_key(k) for k in m.in_keys], [unravel_key(k) for k in m.out_keys]) for m in nets
     ]
+    return steps, last
+
+
+def _dist_builder(last: Any) -> Callable[[dict], Any]:
+    # ``distribution_class(**params, **distribution_kwargs)``, as the probabilistic module builds it
     dist_cls, dist_kwargs = last.distribution_class, dict(last.distribution_kwargs)
     params = [
         (k[-1] if isinstance(k, tuple) else k, unravel_key(td_key))
         for k, td_key in zip(last.dist_keys, last.in_keys)
     ]
+    return lambda out: dist_cls(**{name: out[key] for name, key in params}, **dist_kwargs)
+
+
+def _probabilistic_call(policy: Any, in_keys: list) -> Callable[[dict], dict] | None:
+    """``root entries -> written entries`` of a sampling probabilistic actor without tensordicts.
+
+    For an actor :func:`_plain_probabilistic_parts` accepts whose probabilistic module samples
+    (interaction type ``RANDOM``, now or by default) and returns its log-probability. The call
+    runs the same networks, builds the same distribution
+    (``distribution_class(**params, **distribution_kwargs)``) and draws from it with TorchRL's own
+    ``sample_and_log_prob``, so values and the random stream are those of ``policy(td)``; it
+    only skips the tensordict plumbing (which took about 40 % of a rollout step with BREMEN's
+    64-64 actor at 50 rows). Any other setting (deterministic interaction, no log-probability)
+    returns ``None``: the tensordict call runs.
+    """
+    parts = _plain_probabilistic_parts(policy)
+    if parts is None:
+        return None
+    steps, last = parts
+    if not last.return_log_prob or (interaction_type() or last.default_interaction_type) is not InteractionType.RANDOM:
+        return None
+    build = _dist_builder(last)
     sample_key, log_prob_key = unravel_key(last.dist_sample_keys[0]), unravel_key(last.log_prob_key)
 
     def call(root: dict) -> dict:
         out = {k: root[k] for k in in_keys}
         for module, ins, outs in steps:
             out.update(_call_plain(module, [out[k] for k in ins], outs))
-        dist = dist_cls(**{name: out[key] for name, key in params}, **dist_kwargs)
+        dist = build(out)
         sample, log_prob = sample_and_log_prob(dist, reparameterize=dist.has_rsample)
         out[sample_key] = sample
         out[log_prob_key] = log_prob
         return out
+
+    return call
+
+
+def _deterministic_call(
+    policy: nn.Module, in_key: str = "observation", out_key: str = "action"
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``observation -> action`` of a probabilistic actor in ``DETERMINISTIC`` mode, without tensordicts.
+
+    For an actor that reads only ``in_key`` and samples ``out_key`` (a
+    :class:`~torchrl.modules.ProbabilisticActor` of plain ``TensorDictModule`` networks, e.g.
+    :func:`~torchrl_depeff.modules.actors.make_gaussian_actor`'s): runs the same networks, builds
+    the same distribution and takes the action the probabilistic module takes under
+    ``set_exploration_type(ExplorationType.DETERMINISTIC)`` (its own ``_dist_sample``, e.g. the
+    Gaussian's mean), so the action equals ``policy(td)[out_key]`` bit for bit; the
+    log-probability, which an evaluation discards, is not computed. Returns ``None`` for any
+    other policy (use the tensordict call).
+
+    Args:
+        policy (nn.Module): the actor.
+        in_key (str): the only key it may read. Defaults to ``"observation"``.
+        out_key (str): its sample key. Defaults to ``"action"``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl.envs.utils import ExplorationType, set_exploration_type
+        >>> from torchrl_depeff.envs.model_env import _deterministic_call
+        >>> from torchrl_depeff.modules.actors import make_gaussian_actor
+        >>> actor = make_gaussian_actor(17, 6, num_cells=(8,))
+        >>> act = _deterministic_call(actor)
+        >>> obs = torch.randn(3, 17)
+        >>> with set_exploration_type(ExplorationType.DETERMINISTIC):
+        ...     expected = actor(TensorDict({"observation": obs}, [3]))["action"]
+        >>> torch.equal(act(obs), expected)
+        True
+    """
+    parts = _plain_probabilistic_parts(policy)
+    if parts is None:
+        return None
+    steps, last = parts
+    if [unravel_key(k) for k in policy.in_keys] != [in_key] or unravel_key(last.dist_sample_keys[0]) != out_key:
+        return None
+    build = _dist_builder(last)
+
+    def call(observation: torch.Tensor) -> torch.Tensor:
+        out = {in_key: observation}
+        for module, ins, outs in steps:
+            out.update(_call_plain(module, [out[k] for k in ins], outs))
+        return last._dist_sample(build(out), interaction_type=InteractionType.DETERMINISTIC)
 
     return call
 

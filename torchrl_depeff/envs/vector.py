@@ -169,8 +169,37 @@ class NativeVectorEnv(EnvBase):
     def _to(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._is_cpu else x.to(self.device)
 
-    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get("action")
+    def step_tensors(
+        self, observation: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched step without tensordicts: what :meth:`step` computes, as tensors.
+
+        Steps every sub-env with ``action`` and computes the task reward on
+        ``(observation, action, next_observation)``; :meth:`step` calls it and packs the
+        result (so the two give the same values). For loops that own their bookkeeping, e.g.
+        :class:`~torchrl_depeff.algorithms.components.RealEnvEvaluation`'s episodes. Finished
+        sub-envs are not reset (reset them through :meth:`reset`).
+
+        Args:
+            observation (torch.Tensor): the sub-envs' current observations ``[n, obs_dim]``
+                (the reward reads them).
+            action (torch.Tensor): ``[n, act_dim]``.
+
+        Returns:
+            ``(next_observation [n, obs_dim], reward [n, 1], env_reward [n, 1],
+            terminated [n, 1], truncated [n, 1])``, float32 and bool, on the env's device.
+
+        Raises:
+            ValueError: ``action`` holds NaN/inf (the sub-envs are not stepped).
+
+        Examples:
+            >>> from torchrl_depeff.envs.vector import make_vector_env
+            >>> env = make_vector_env("halfcheetah", 2, seed=0)
+            >>> obs = env.reset()["observation"]
+            >>> next_obs, reward, _, terminated, truncated = env.base_env.step_tensors(obs, torch.zeros(2, 6))
+            >>> next_obs.shape, reward.shape, terminated.dtype
+            (torch.Size([2, 17]), torch.Size([2, 1]), torch.bool)
+        """
         act = action.detach().cpu().numpy()
         if not np.isfinite(act).all():  # never step MuJoCo with NaN/inf (NaN rewards follow)
             check_finite_action(action, self.name)
@@ -182,11 +211,17 @@ class NativeVectorEnv(EnvBase):
         terminated = self._to(torch.from_numpy(term.copy()).unsqueeze(-1))
         truncated = self._to(torch.from_numpy(trunc.copy()).unsqueeze(-1))
         # BREMEN App. F.1 Table 3: the task reward on (s_t, a_t, s_{t+1}), batched in torch
-        reward = self.reward_fn(tensordict.get("observation"), action, next_obs)
+        reward = self.reward_fn(observation, action, next_obs).reshape(env_reward.shape).to(torch.float32)
+        return next_obs, reward, env_reward, terminated, truncated
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        next_obs, reward, env_reward, terminated, truncated = self.step_tensors(
+            tensordict.get("observation"), tensordict.get("action")
+        )
         return TensorDict._new_unsafe(
             {
                 "observation": next_obs,
-                "reward": reward.reshape(env_reward.shape).to(torch.float32),
+                "reward": reward,
                 "env_reward": env_reward,
                 "done": terminated | truncated,
                 "terminated": terminated,
