@@ -751,9 +751,9 @@ class RealEnvEvaluation:
     :meth:`~torchrl_depeff.envs.vector.NativeVectorEnv.step_tensors`, the same reset, stop rule
     and reward sum as ``env.rollout``, so the returns are bit for bit the rollout's (tested);
     the log-probability the rollout would compute and discard is skipped. Measured with
-    BREMEN's 64-64 actor on HalfCheetah, 2 cores: 2 episodes 0.31 s against 1.52 s for
-    ``make_env`` and 0.85 s batched; 5 episodes 0.84 s, 4.05 s and 0.87 s. Any other env or
-    policy runs ``env.rollout``.
+    BREMEN's 64-64 actor on HalfCheetah, 2 cores (``benchmarks/bench_evaluation.py``): 2 episodes
+    0.31 s against 1.44 s for ``make_env`` and 0.64 s batched; 5 episodes 0.82 s, 3.97 s and
+    0.85 s. Any other env or policy runs ``env.rollout``.
 
     Args:
         make_env (Callable[[], EnvBase]): builds the evaluation env (called once, lazily); used

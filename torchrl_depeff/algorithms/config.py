@@ -586,9 +586,9 @@ class EvalConfig(Section):
             ``make_batched_env``): the same start states and env steps, but the policy's matmul
             over ``episodes`` rows rounds differently from one row, which moves chaotic returns
             (HalfCheetah) by up to their seed-to-seed spread. No faster than the default
-            one-at-a-time episodes, which run without tensordicts (2 HalfCheetah episodes 0.85 s
-            batched against 0.31 s, 5 episodes 0.87 s against 0.84 s, 2 cores). Defaults to
-            ``False``.
+            one-at-a-time episodes, which run without tensordicts (2 HalfCheetah episodes 0.64 s
+            batched against 0.31 s, 5 episodes 0.85 s against 0.82 s, 2 cores,
+            ``benchmarks/bench_evaluation.py``). Defaults to ``False``.
     """
 
     episodes: int = 3
