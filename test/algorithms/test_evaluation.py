@@ -219,3 +219,35 @@ class TestDeterministicCall:
         assert _deterministic_call(actor, out_key="act") is None
         actor.register_forward_hook(lambda *a: None)
         assert _deterministic_call(actor) is None
+
+
+class TestEnvRewardEvaluation:
+    """``reward_key="env_reward"``: gym's own reward (MB2PO's D4RL scores) on the native env."""
+
+    @pytest.mark.parametrize("task", ["halfcheetah", "hopper"])
+    def test_equal_to_make_native_env(self, task, monkeypatch):
+        from torchrl_depeff.algorithms.mb2po import make_native_env
+        from torchrl_depeff.modules.mixture import make_gmm_actor
+
+        spec = get_task(task)
+        torch.manual_seed(0)
+        actor = make_gmm_actor(spec.observation_dim, spec.action_dim, num_components=3, num_cells=(32, 32))
+        calls = TestPlainEpisodes._count_plain(monkeypatch)
+        kw = dict(episodes=2, max_steps=300, seed=3)
+        fast = RealEnvEvaluation(lambda: make_vector_env(task, 1), reward_key="env_reward", **kw)
+        r_fast, l_fast = fast.returns(actor)
+        assert len(calls) == 2  # the GMM actor takes the plain path too
+        r_roll, l_roll = fast.returns(_hooked(actor))  # the rollout on the same env, the same key
+        r_gym, l_gym = RealEnvEvaluation(lambda: make_native_env(task), **kw).returns(actor)
+        assert torch.equal(r_fast, r_roll) and torch.equal(l_fast, l_roll)
+        assert torch.equal(r_fast, r_gym) and torch.equal(l_fast, l_gym)
+        # and not the task (Table 3) reward
+        r_task, _ = RealEnvEvaluation(lambda: make_vector_env(task, 1), **kw).returns(actor)
+        assert not torch.equal(r_task, r_fast)
+
+    def test_bad_reward_key(self):
+        with pytest.raises(TypeError, match="reward_key"):
+            RealEnvEvaluation(lambda: make_env("hopper"), episodes=1, max_steps=5, seed=0, reward_key=("next", 1))
+        ev = RealEnvEvaluation(lambda: make_vector_env("hopper", 1), episodes=1, max_steps=5, seed=0, reward_key="nope")
+        with pytest.raises(KeyError, match="nope"):
+            ev.returns(make_gaussian_actor(11, 3, num_cells=(8,)))

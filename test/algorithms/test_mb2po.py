@@ -155,6 +155,22 @@ class TestBadInput:
         with pytest.raises(ValueError, match="eval_env"):
             MB2PO(_config({"evaluation.episodes": 1}), dataset=_dataset(), data_root=tempfile.mkdtemp())
 
+    def test_default_evaluation_is_make_native_env(self, monkeypatch):
+        # no eval_env: a one-copy native env scored on gym's own reward, bit for bit make_native_env
+        from torchrl_depeff.algorithms.components import RealEnvEvaluation
+        from torchrl_depeff.algorithms.mb2po import make_native_env
+        from torchrl_depeff.collectors import collect_behaviour_dataset
+        from torchrl_depeff.envs.tasks import make_env
+
+        data = collect_behaviour_dataset(None, make_env("halfcheetah"), 50, noise="random", seed=0)
+        algo = MB2PO(_config({"evaluation.episodes": 2, "evaluation.max_steps": 40}), dataset=data,
+                     data_root=tempfile.mkdtemp())
+        assert algo.evaluator.reward_key == "env_reward"
+        r, lengths = algo.evaluator.returns(algo.actor)
+        ref = RealEnvEvaluation(lambda: make_native_env("halfcheetah"), episodes=2, max_steps=40, seed=algo.config.seed)
+        r_ref, l_ref = ref.returns(algo.actor)
+        assert torch.equal(r, r_ref) and torch.equal(lengths, l_ref) and lengths.tolist() == [40.0, 40.0]
+
     def test_wrong_config_type_and_order_errors(self):
         with pytest.raises(TypeError, match="MB2POConfig"):
             MB2PO({"omega": 0.5}, dataset=_dataset(), data_root=tempfile.mkdtemp())

@@ -767,6 +767,10 @@ class RealEnvEvaluation:
         score_fn (Callable[[float], float], optional): extra ``eval/normalized_score`` of the
             mean return (e.g. the D4RL score).
         analyses (Sequence[Callable[[loop], dict]], optional): extra metrics (MUSBO sec. 5).
+        reward_key (str): the reward entry summed into the returns: ``"reward"`` (default; the
+            task reward of :func:`~torchrl_depeff.envs.make_env` / ``make_vector_env``) or e.g.
+            ``"env_reward"`` (the gymnasium env's own reward, which
+            :class:`~torchrl_depeff.envs.vector.NativeVectorEnv` keeps: MB2PO's D4RL scores).
         make_batched_env (Callable[[int], EnvBase], optional): builds ``n`` copies of the
             evaluation env as one env of batch size ``[n]`` whose ``set_seed(s)`` seeds copy ``i``
             with ``s + i`` (e.g. ``functools.partial(make_vector_env, task)``); called once,
@@ -796,7 +800,11 @@ class RealEnvEvaluation:
         score_fn: Callable[[float], float] | None = None,
         analyses: Sequence[Callable[[Any], dict[str, float]]] = (),
         make_batched_env: Callable[[int], EnvBase] | None = None,
+        reward_key: str = "reward",
     ) -> None:
+        if not isinstance(reward_key, str):
+            raise TypeError(f"reward_key must be a str, got {reward_key!r}")
+        self.reward_key = reward_key
         self._make_env = make_env
         self._env: EnvBase | None = None
         self._make_batched_env = make_batched_env
@@ -822,7 +830,8 @@ class RealEnvEvaluation:
             return self._batched_returns(policy, kind)
         env = self.env
         native = _single_native_env(env)
-        act = _deterministic_call(policy) if native is not None and self.deterministic else None
+        act = (_deterministic_call(policy) if native is not None and self.deterministic
+               and self.reward_key in ("reward", "env_reward") else None)
         returns, lengths = [], []
         for ep in range(self.episodes):
             env.set_seed(self.seed + 10_000 + ep)
@@ -830,10 +839,19 @@ class RealEnvEvaluation:
                 if act is not None:
                     reward = self._plain_episode(env, native, act)
                 else:
-                    reward = env.rollout(self.max_steps, policy, break_when_any_done=True).get(("next", "reward"))
+                    reward = self._reward(env.rollout(self.max_steps, policy, break_when_any_done=True))
             returns.append(reward.sum())
             lengths.append(reward.shape[-2])
         return torch.stack(returns), torch.tensor(lengths, dtype=torch.float32)
+
+    def _reward(self, td: TensorDictBase) -> torch.Tensor:
+        reward = td.get(("next", self.reward_key), None)
+        if reward is None:
+            raise KeyError(
+                f"RealEnvEvaluation: reward_key {self.reward_key!r} is not an entry of the env's steps "
+                f"(next entries: {sorted(str(k) for k in td.get('next').keys())})"
+            )
+        return reward
 
     def _plain_episode(self, env: EnvBase, native: NativeVectorEnv, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The rewards ``[1, T, 1]`` of ``env.rollout(max_steps, policy, break_when_any_done=True)``
@@ -844,10 +862,11 @@ class RealEnvEvaluation:
         ``max_steps``: equal bit for bit to the rollout (``test/algorithms/test_evaluation.py``).
         """
         obs = env.reset().get("observation")
+        env_reward = self.reward_key == "env_reward"
         rewards = []
         for _ in range(self.max_steps):
-            obs, reward, _, terminated, truncated = native.step_tensors(obs, act(obs))
-            rewards.append(reward)
+            obs, reward, gym_reward, terminated, truncated = native.step_tensors(obs, act(obs))
+            rewards.append(gym_reward if env_reward else reward)
             if bool(terminated | truncated):  # the real env's numpy flags: no device sync
                 break
         return torch.stack(rewards, 1)
@@ -866,7 +885,7 @@ class RealEnvEvaluation:
         with torch.no_grad(), set_exploration_type(kind):
             td = env.rollout(self.max_steps, policy, break_when_any_done=False, break_when_all_done=True)
         done = td.get(("next", "done")).reshape(self.episodes, -1)
-        reward = td.get(("next", "reward")).reshape(self.episodes, -1)
+        reward = self._reward(td).reshape(self.episodes, -1)
         steps = done.shape[-1]
         # each episode ends at its first done (or after max_steps)
         ends = torch.where(done.any(-1), done.int().argmax(-1), steps - 1).tolist()

@@ -50,6 +50,7 @@ Choices where the paper is silent or ambiguous:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ from torchrl_depeff.data.scores import d4rl_normalized_score
 from torchrl_depeff.envs.model_env import EnsembleModelEnv, UNCERTAINTY_KEYS
 from torchrl_depeff.envs.penalties import SoftUncertaintyPenalty
 from torchrl_depeff.envs.tasks import get_task
+from torchrl_depeff.envs.vector import make_vector_env
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 from torchrl_depeff.modules.mixture import make_gmm_actor
 from torchrl_depeff.objectives.awac import AWACLoss
@@ -822,7 +824,10 @@ class MB2PO(DeploymentLoop):
             (and optionally ``("next", "terminated")``), validated (missing keys, NaN/inf).
         run_dir (str | Path, optional): output directory (data, checkpoint, metrics).
         data_root (str | Path, optional): data directory when no ``run_dir`` is given.
-        eval_env (EnvBase, optional): evaluation env. Defaults to :func:`make_native_env`.
+        eval_env (EnvBase, optional): evaluation env (its ``"reward"`` is scored). Defaults to
+            ``make_vector_env(config.task, 1)`` scored on ``"env_reward"``: the rows and reward of
+            :func:`make_native_env` bit for bit (gym's own reward, the D4RL scores' one), whose
+            deterministic episodes run without tensordicts.
         termination_fn (callable, optional): ``(obs, action, next_obs) -> bool [*B, 1]``.
             Defaults to the task's.
         action_low, action_high (float): action bounds of the model env. Default to ``-1``/``1``.
@@ -916,8 +921,11 @@ class MB2PO(DeploymentLoop):
         buffers = DeploymentReplayBuffers(Path(run_dir) / "deployments" if run_dir is not None else data_root)
         ev = config.evaluation
         evaluator = RealEnvEvaluation(
-            (lambda: eval_env) if eval_env is not None else (lambda: make_native_env(config.task)),
+            # default: the rows of make_native_env (gym's own reward as float32, its flags), bit
+            # for bit, on a one-copy native env whose deterministic episodes skip tensordicts
+            (lambda: eval_env) if eval_env is not None else functools.partial(make_vector_env, config.task, 1),
             episodes=ev.episodes, max_steps=ev.max_steps or task.max_episode_steps, seed=config.seed,
+            reward_key="reward" if eval_env is not None else "env_reward",
             score_fn=(lambda r: float(d4rl_normalized_score(config.task, r))) if task_data else None,
         )
         improver = ConservativeFinetuning(
