@@ -838,10 +838,12 @@ class RealEnvEvaluation:
             with torch.no_grad(), set_exploration_type(kind):
                 if act is not None:
                     reward = self._plain_episode(env, native, act)
+                    length = reward.shape[1]
                 else:
-                    reward = self._reward(env.rollout(self.max_steps, policy, break_when_any_done=True))
+                    td = env.rollout(self.max_steps, policy, break_when_any_done=True)
+                    reward, length = self._reward(td), td.shape[-1]
             returns.append(reward.sum())
-            lengths.append(reward.shape[-2])
+            lengths.append(length)
         return torch.stack(returns), torch.tensor(lengths, dtype=torch.float32)
 
     def _reward(self, td: TensorDictBase) -> torch.Tensor:
