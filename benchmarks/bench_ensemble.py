@@ -22,6 +22,10 @@ Figures:
     minibatches through ``EnsembleDynamicsLoss``), the big-GEMM rate and the time of the step's
     matrix products alone at their own shapes (forward, weight and input gradients), and (with
     native bfloat16) the same step with ``matmul_precision="bf16"``.
+  * ``holdout_score``: ``EnsembleTrainer._holdout_mse`` (every member on every holdout row, once
+    per epoch) on 3 000 rows at the quick, MB2PO and BREMEN sizes, against the same call with the
+    previous settings (16 MB row chunks, out-of-place ReLUs), interleaved; both scores compared
+    bit for bit.
 Each figure is one function ``bench_<name>(args) -> list[dict]`` so more can be added.
 """
 from __future__ import annotations
@@ -376,6 +380,51 @@ def bench_fit_precision(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def bench_holdout_score(args: argparse.Namespace) -> list[dict]:
+    """The per-epoch holdout score, current settings vs 16 MB chunks and out-of-place ReLUs."""
+    from torchrl_depeff.modules.ensemble import EnsembleMLP
+
+    records = []
+    current = EnsembleTrainer._holdout_mse
+
+    def previous(trainer: EnsembleTrainer, holdout: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # the score before: 16 MB row chunks (_chunk_rows) and out-of-place activations
+        x, y = holdout
+        ens = trainer.ensemble
+        width = max(layer.out_features for layer in ens.network.layers)
+        hooked = EnsembleMLP._hooked
+        EnsembleMLP._hooked = lambda self: True  # as if hooked: no in-place activation
+        try:
+            with torch.no_grad():
+                means = [ens._split_heads(ens.network(part, member_first=False, kernel="bmm"),
+                                          ens.max_logvar, ens.min_logvar)[0]
+                         for part in x.split(trainer._chunk_rows(width))]
+        finally:
+            EnsembleMLP._hooked = hooked
+        mean = means[0] if len(means) == 1 else torch.cat(means, 1)
+        return (mean - y).pow(2).mean((1, 2))
+
+    sizes = {"quick": ((200, 200), nn.ReLU, False), "mb2po": ((200,) * 4, nn.SiLU, True),
+             "bremen": ((1024, 1024), nn.ReLU, False)}
+    rows = 3000
+    for size, (hidden, act, prob) in sizes.items():
+        torch.manual_seed(0)
+        model = DynamicsEnsemble(17, 6, num_members=E, num_cells=hidden, activation=act, probabilistic=prob,
+                                  predict_reward=prob)
+        trainer = EnsembleTrainer(model)
+        out = model.network.out_features
+        holdout = (torch.randn(rows, 23), torch.randn(rows, out // 2 if prob else out))
+        times = _time_group({"current": lambda: current(trainer, holdout),
+                             "previous": lambda: previous(trainer, holdout)}, args.min_time)
+        records.append(_emit({
+            "figure": "holdout_score", "size": size, "rows": rows,
+            "current_ms": round(times["current"] * 1e3, 2), "previous_ms": round(times["previous"] * 1e3, 2),
+            "speedup": round(times["previous"] / times["current"], 2),
+            "bitwise_equal": bool(torch.equal(current(trainer, holdout), previous(trainer, holdout))),
+        }))
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short timing blocks (smoke run)")
@@ -399,6 +448,8 @@ def main() -> None:
         bench_trainer_step(args, gemm)
     if only is None or "fit_precision" in only:
         bench_fit_precision(args)
+    if only is None or "holdout_score" in only:
+        bench_holdout_score(args)
 
 
 if __name__ == "__main__":

@@ -514,3 +514,48 @@ class TestMatmulPrecision:
         assert make_trainer(cfg.make_ensemble(), BREMENConfig().model, seed=0).matmul_precision is None
         with pytest.raises(ValueError, match="model.matmul_precision must be one of .*'fp16'"):
             BREMENConfig().override({"model.matmul_precision": "fp16"})
+
+
+class TestHoldoutScore:
+    """The per-epoch holdout score: row chunks and in-place ReLUs give the plain forward's numbers."""
+
+    @pytest.mark.parametrize("probabilistic,activation", [(False, torch.nn.ReLU), (True, torch.nn.SiLU)])
+    def test_chunked_in_place_score(self, probabilistic, activation, monkeypatch):
+        from torchrl_depeff.modules.ensemble import EnsembleMLP
+
+        torch.manual_seed(0)
+        model = DynamicsEnsemble(17, 6, num_members=5, num_cells=(200, 200), probabilistic=probabilistic,
+                                 activation=activation)
+        trainer = EnsembleTrainer(model)
+        x, y = torch.randn(3000, 23), torch.randn(3000, 17)
+        chunks = []
+        network_forward = EnsembleMLP.forward
+
+        def spy(self, inp, *args, **kwargs):
+            chunks.append(inp.shape[0])
+            return network_forward(self, inp, *args, **kwargs)
+
+        monkeypatch.setattr(EnsembleMLP, "forward", spy)
+        score = trainer._holdout_mse((x, y))
+        assert chunks == [1000, 1000, 1000]  # 1 M activation entries per chunk at 5 x 200
+        # in place or not, bit for bit (a forward hook turns the in-place ReLUs off)
+        handle = model.network.activations[0].register_forward_hook(lambda *args: None)
+        assert torch.equal(trainer._holdout_mse((x, y)), score)
+        handle.remove()
+        # every member on every row, no chunks, autograd on (no in-place activations)
+        with torch.enable_grad():
+            mean = model._split_heads(network_forward(model.network, x, member_first=False, kernel="bmm"),
+                                      model.max_logvar, model.min_logvar)[0]
+        expected = (mean.detach() - y).pow(2).mean((1, 2))
+        torch.testing.assert_close(score, expected, rtol=1e-6, atol=0)
+        assert score.shape == (5,) and len(set(score.tolist())) == 5  # one score per member
+
+    def test_in_place_relu_keeps_hooked_outputs(self):
+        # a forward hook on a layer sees (and may keep) its output: no in-place ReLU then
+        torch.manual_seed(0)
+        model = DynamicsEnsemble(3, 2, num_members=2, num_cells=(8,))
+        kept = []
+        model.network.layers[0].register_forward_hook(lambda mod, inp, out: kept.append(out))
+        with torch.no_grad():
+            model.network(torch.randn(4, 5), member_first=False, kernel="bmm")
+        assert (kept[0] < 0).any()  # the pre-activation, not overwritten by the ReLU

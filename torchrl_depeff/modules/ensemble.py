@@ -63,6 +63,17 @@ def _split_members(
     return False, x.shape[:-1], x.reshape(-1, in_features)
 
 
+def _activate(act: nn.Module, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    # ``act(x)``, overwriting ``x`` for the elementwise activations whose in-place kernels give
+    # the same values (ReLU, SiLU) when ``inplace``
+    if inplace:
+        if type(act) is nn.ReLU:
+            return x.relu_()
+        if type(act) is nn.SiLU:
+            return torch.nn.functional.silu(x, inplace=True)
+    return act(x)
+
+
 class EnsembleLinear(nn.Module):
     """``E`` independent affine maps ``y_e = x_e W_e + b_e`` evaluated together.
 
@@ -278,10 +289,22 @@ class EnsembleMLP(nn.Module):
         kernel = self._resolve_kernel(x) if kernel is None else kernel
         if kernel == "bmm":
             x = self.layers[0](x, member_first=member_first, kernel="bmm")
+            # without autograd (holdout scores, predictions) a ReLU / SiLU overwrites the layer
+            # output it reads, a tensor nothing else holds: the same values without a second
+            # [E, N, h] buffer (1.2-1.3x faster holdout scores at 600-3000 rows x 5 x 200-200,
+            # where the activations outgrow the caches). Hooks see the usual tensors.
+            inplace = not torch.is_grad_enabled() and not self._hooked()
             for act, layer in zip(self.activations, self.layers[1:]):
-                x = layer(act(x), member_first=True, kernel="bmm")
+                x = layer(_activate(act, x, inplace), member_first=True, kernel="bmm")
             return x
         return self._member_loop(x, member_first)
+
+    def _hooked(self) -> bool:
+        # a forward hook could keep a layer output that an in-place activation would change
+        mod = nn.modules.module
+        if mod._global_forward_hooks or mod._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def _member_loop(self, x: torch.Tensor, member_first: bool | None) -> torch.Tensor:
         # "loop": each member runs its whole MLP on its own [N, d] activations, which stay
