@@ -283,3 +283,95 @@ def test_bcloss_is_a_deprecated_alias_with_the_old_key():
     new = WeightedBCLoss(_loc_actor(seed=0))
     torch.testing.assert_close(old(td)["loss_bc"], new(td)["loss_weighted_bc"])
     assert isinstance(old, WeightedBCLoss) and "loss_bc" in old.out_keys
+
+
+class TestPlainBCLoss:
+    """``WeightedBCLoss._plain_loss`` (train_bc's loss on plain tensors) is ``forward`` bit for bit."""
+
+    @staticmethod
+    def _gaussian_actor(learn_sigma: bool, seed: int = 0):
+        from torchrl_depeff.modules.actors import make_gaussian_actor
+
+        torch.manual_seed(seed)
+        return make_gaussian_actor(3, 2, num_cells=(16, 16), learn_sigma=learn_sigma)
+
+    def _actors(self):
+        return {
+            "linear": _loc_actor(),
+            "prob": _prob_actor(),
+            "gaussian_fixed_sigma": self._gaussian_actor(False),
+            "gaussian_learned_sigma": self._gaussian_actor(True),
+        }
+
+    @pytest.mark.parametrize("weighted", [False, True])
+    def test_values_and_gradients_bitwise(self, weighted):
+        td = _data(batch=(64,))
+        for name, actor in self._actors().items():
+            loss = WeightedBCLoss(actor, weight_key="uncertainty" if weighted else None)
+            plain = loss._plain_loss()
+            assert plain is not None, name
+            entries = {k: td.get(k) for k in loss.in_keys}
+            params = list(loss.parameters())
+            ref = loss(td)["loss_weighted_bc"]
+            trained = [p for p in params if p.requires_grad]
+            ref_grads = torch.autograd.grad(ref, trained, allow_unused=True)
+            got = plain(entries)
+            got_grads = torch.autograd.grad(got, trained, allow_unused=True)
+            assert torch.equal(got, ref), name
+            # the mean's parameters get gradients (a learned log-std none, on both paths)
+            assert sum(g is not None for g in got_grads) >= 2, name
+            for a, b in zip(got_grads, ref_grads):
+                assert (a is None and b is None) or torch.equal(a, b), name
+
+    def test_refused_where_it_would_differ(self):
+        assert WeightedBCLoss(_prob_actor(), loss_type="log_prob")._plain_loss() is None
+        hooked = _loc_actor()
+        hooked.register_forward_hook(lambda mod, args, out: out)
+        assert WeightedBCLoss(hooked)._plain_loss() is None
+
+        class _Rescaled(ProbabilisticActor):
+            def get_dist_params(self, tensordict, *args, **kwargs):
+                out = super().get_dist_params(tensordict, *args, **kwargs)
+                out["loc"] = out["loc"] * 2
+                return out
+
+        custom = _prob_actor()
+        custom = _Rescaled(custom.module[0], in_keys=["loc", "scale"], distribution_class=IndependentNormal)
+        assert WeightedBCLoss(custom)._plain_loss() is None
+
+    @pytest.mark.parametrize("weighted", [False, True])
+    def test_train_bc_same_parameters_as_the_tensordict_path(self, weighted, monkeypatch):
+        data = _data(batch=(700,), seed=4)
+        data["extra"] = torch.randn(700, 5)  # entries the loss does not read are dropped
+        data["next"] = TensorDict({"observation": torch.randn(700, 3)}, [700])
+        kwargs = dict(lr=1e-2, batch_size=64, max_epochs=15, patience=3,
+                      weight_key="uncertainty" if weighted else None)
+        calls = []
+        original = WeightedBCLoss._plain_loss
+
+        def spy(self):
+            out = original(self)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(WeightedBCLoss, "_plain_loss", spy)
+        fast = self._gaussian_actor(False, seed=3)
+        info_fast = train_bc(fast, data, **kwargs)
+        assert calls == [True]
+        monkeypatch.setattr(WeightedBCLoss, "_plain_loss", lambda self: None)
+        slow = self._gaussian_actor(False, seed=3)
+        info_slow = train_bc(slow, data, **kwargs)
+        assert info_fast == info_slow
+        for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
+            assert torch.equal(a, b), name
+
+    def test_a_loss_mask_entry_keeps_the_tensordict_path(self, monkeypatch):
+        data = _data(batch=(200,))
+        data["collector", "mask"] = torch.arange(200) % 2 == 0
+
+        def refuse(self):
+            raise AssertionError("the plain loss does not read loss masks")
+
+        monkeypatch.setattr(WeightedBCLoss, "_plain_loss", refuse)
+        info = train_bc(_loc_actor(), data, lr=1e-2, batch_size=64, max_epochs=2)
+        assert info["epochs"] == 2

@@ -5,15 +5,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import (
-    CompositeDistribution,
-    InteractionType,
-    ProbabilisticTensorDictModule,
-    ProbabilisticTensorDictSequential,
-    TensorDictModule,
-    TensorDictModuleBase,
-    skip_existing,
-)
+from tensordict.nn import InteractionType, TensorDictModuleBase
 from tensordict.nn.probabilistic import interaction_type
 from tensordict.utils import unravel_key
 from torch import nn
@@ -23,14 +15,11 @@ from torchrl.envs import EnvBase, TransformedEnv
 from torchrl.envs.model_based import ModelBasedEnvBase
 from torchrl.envs.transforms import Compose, Transform
 from torchrl.modules.distributions.utils import sample_and_log_prob
-from torchrl.modules.tensordict_module.probabilistic import (
-    SafeProbabilisticModule,
-    SafeProbabilisticTensorDictSequential,
-)
 
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.envs.rewards import no_termination
 from torchrl_depeff.envs.tasks import get_task
+from torchrl_depeff.modules._plain import _call_plain, _plain_probabilistic_parts, _plain_tdmodule
 from torchrl_depeff.modules.ensemble import DynamicsEnsemble
 
 __all__ = [
@@ -113,81 +102,6 @@ def _penalties_of(transform: Transform) -> list[Penalty] | None:
     if all(type(t) in (SoftUncertaintyPenalty, HardUncertaintyPenalty) for t in parts):
         return parts
     return None
-
-
-def _plain_tdmodule(policy: Any) -> bool:
-    # a TensorDictModule whose call is exactly ``module(*in_tensors) -> out tensors``
-    return (
-        type(policy) is TensorDictModule
-        and isinstance(policy.module, nn.Module)
-        and policy.method is None
-        and not policy.method_kwargs
-        and not policy._get_kwargs
-        and policy._kwargs is None
-        and policy.inplace is True
-        and not policy._forward_hooks
-        and not policy._forward_pre_hooks
-        and not nn.modules.module._global_forward_hooks
-        and not nn.modules.module._global_forward_pre_hooks
-        and not skip_existing()
-        and list(getattr(policy, "out_keys_source", policy.out_keys)) == list(policy.out_keys)
-        and "_" not in policy.out_keys
-    )
-
-
-def _call_plain(module: nn.Module, inputs: list[torch.Tensor], out_keys: list) -> dict:
-    # what a plain TensorDictModule writes: ``module(*inputs)`` under its out_keys
-    out = module(*inputs)
-    if not isinstance(out, tuple):
-        out = (out,)
-    if len(out) != len(out_keys):
-        raise RuntimeError(f"policy returned {len(out)} tensors for out_keys {out_keys}")
-    return dict(zip(out_keys, out))
-
-
-#: the forward methods whose logic :func:`_probabilistic_call` reproduces (a subclass overriding
-#: ``forward`` keeps the tensordict call)
-_PROB_SEQ_FORWARDS = (ProbabilisticTensorDictSequential.forward, SafeProbabilisticTensorDictSequential.forward)
-
-
-def _plain_probabilistic_parts(policy: Any) -> tuple[list, Any] | None:
-    """``(networks, last)`` of a probabilistic actor whose call :func:`_probabilistic_call` and
-    :func:`_deterministic_call` reproduce without tensordicts, else ``None``.
-
-    A :class:`~tensordict.nn.ProbabilisticTensorDictSequential` (e.g. TorchRL's
-    ``ProbabilisticActor``, not a subclass overriding ``forward``) made of plain
-    :class:`~tensordict.nn.TensorDictModule` networks and one last probabilistic module with
-    one sample key, a plain distribution class, and none of: spec projection, generators,
-    caches, several samples, composite distributions or outputs, hooks.
-    """
-    if not isinstance(policy, ProbabilisticTensorDictSequential) or type(policy).forward not in _PROB_SEQ_FORWARDS:
-        return None
-    *nets, last = list(policy.module)
-    if (
-        not nets
-        or not all(_plain_tdmodule(m) for m in nets)
-        or policy.return_composite
-        or getattr(policy, "_select_before_return", False)
-        or policy.inplace not in (None, True)
-        or policy._forward_hooks
-        or policy._forward_pre_hooks
-        or type(last) not in (SafeProbabilisticModule, ProbabilisticTensorDictModule)
-        or getattr(last, "safe", False)
-        or last._forward_hooks
-        or last._forward_pre_hooks
-        or last.num_samples is not None
-        or last._generator is not None
-        or last._generator_key is not None
-        or last.cache_dist
-        or len(last.dist_sample_keys) != 1
-        or not isinstance(last.distribution_class, type)
-        or issubclass(last.distribution_class, CompositeDistribution)
-    ):
-        return None
-    steps = [
-        (m.module, [unravel_key(k) for k in m.in_keys], [unravel_key(k) for k in m.out_keys]) for m in nets
-    ]
-    return steps, last
 
 
 def _dist_builder(last: Any) -> Callable[[dict], Any]:
