@@ -424,12 +424,13 @@ class TestMatmulPrecision:
     """``EnsembleTrainer(matmul_precision=...)``: scoped to ``fit``, validated, and really applied."""
 
     @staticmethod
-    def _fit(precision, **kwargs):
+    def _fit(precision, data=None, **kwargs):
+        data = _linear_data(n=800, noise=0.05) if data is None else data
         torch.manual_seed(0)
         model = _model(num_cells=(64, 64))
         trainer = EnsembleTrainer(model, batch_size=64, max_epochs=4, patience=10, matmul_precision=precision,
                                   **kwargs)
-        return model, trainer.fit(_linear_data(n=800, noise=0.05))
+        return model, trainer.fit(data)
 
     def test_bad_values_are_refused(self, monkeypatch):
         with pytest.raises(ValueError, match="'fp16'"):
@@ -494,11 +495,13 @@ class TestMatmulPrecision:
         ratio = res_bf16.holdout_loss / res_ieee.holdout_loss
         assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
         # "ieee" forces float32 products even when torch's global setting says bf16
+        # (the data made before: under a global bf16 setting its own `obs @ A.T` rounds too)
+        data = _linear_data(n=800, noise=0.05)
         settings = torch.backends.mkldnn.matmul
         previous = settings.fp32_precision
         settings.fp32_precision = "bf16"
         try:
-            _, res_forced = self._fit("ieee")
+            _, res_forced = self._fit("ieee", data=data)
         finally:
             settings.fp32_precision = previous
         assert torch.equal(res_forced.holdout_loss, res_ieee.holdout_loss)
