@@ -55,14 +55,15 @@ def _call_plain(module: nn.Module, inputs: list[torch.Tensor], out_keys: list) -
     return dict(zip(out_keys, out))
 
 
-#: the forward methods whose logic :func:`_probabilistic_call` reproduces (a subclass overriding
-#: ``forward`` keeps the tensordict call)
+#: the forward methods whose logic the plain calls reproduce (a subclass overriding ``forward``
+#: keeps the tensordict call)
 _PROB_SEQ_FORWARDS = (ProbabilisticTensorDictSequential.forward, SafeProbabilisticTensorDictSequential.forward)
 
 
 def _plain_probabilistic_parts(policy: Any) -> tuple[list, Any] | None:
-    """``(networks, last)`` of a probabilistic actor whose call :func:`_probabilistic_call` and
-    :func:`_deterministic_call` reproduce without tensordicts, else ``None``.
+    """``(networks, last)`` of a probabilistic actor whose call the plain calls of
+    :mod:`torchrl_depeff.envs.model_env` (sampling, deterministic) and ``WeightedBCLoss._plain_loss``
+    (its networks only) reproduce without tensordicts, else ``None``.
 
     A :class:`~tensordict.nn.ProbabilisticTensorDictSequential` (e.g. TorchRL's
     ``ProbabilisticActor``, not a subclass overriding ``forward``) made of plain
