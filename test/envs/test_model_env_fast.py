@@ -1,6 +1,8 @@
 """EnsembleModelEnv's fast rollout loop gives exactly TorchRL's generic rollout (issue 15)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -13,7 +15,7 @@ from torchrl.envs.transforms import Compose
 from torchrl_depeff.envs.model_env import EnsembleModelEnv, model_rollout
 from torchrl_depeff.envs.penalties import HardUncertaintyPenalty, SoftUncertaintyPenalty
 from torchrl_depeff.modules.actors import make_gaussian_actor
-from torchrl_depeff.modules.ensemble import DynamicsEnsemble
+from torchrl_depeff.modules.ensemble import DynamicsEnsemble, MemberPredictor
 
 OBS, ACT = 5, 2
 MODES = ["per_step", "per_sample", "per_trajectory", "mean"]
@@ -240,10 +242,17 @@ class TestFastEqualsGeneric:
         names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
         originals = {n: getattr(torch.Tensor, n) for n in names}
         sync_calls: list[str] = []
+        cpu_member_reads: list[str] = []
+        # the one read allowed: MemberPredictor's 0-d member index on CPU (its own code path; on
+        # other devices it uses index_select and never reads the index)
+        cpu_only_reader = MemberPredictor._member.__code__
 
         def recording(name):
             def method(self, *args, **kwargs):
-                sync_calls.append(name)
+                if sys._getframe(1).f_code is cpu_only_reader and self.device.type == "cpu":
+                    cpu_member_reads.append(name)
+                else:
+                    sync_calls.append(name)
                 return originals[name](self, *args, **kwargs)
             return method
 
@@ -256,6 +265,8 @@ class TestFastEqualsGeneric:
             for n, m in originals.items():
                 setattr(torch.Tensor, n, m)
         assert sync_calls == [], sync_calls
+        # per_step reads its drawn member once per step (the other modes pass a [B] index)
+        assert len(cpu_member_reads) == (8 if mode == "per_step" else 0)
         assert ro["next", "observation"].shape == (12, 8, OBS)
 
     def test_generic_fallbacks(self):

@@ -230,6 +230,42 @@ class TestDynamicsEnsemble:
         if probabilistic:
             torch.testing.assert_close(part.scale, full.scale[2], atol=1e-5, rtol=1e-5)
 
+    @pytest.mark.parametrize("probabilistic", [False, True])
+    def test_member_predictor_scalar_index_views(self, probabilistic):
+        # a reused predictor with a 0-d index: every member bit for bit as a fresh predict(), and
+        # close to the all-member bmm; in-place weight updates followed; gradients intact after
+        # no_grad calls filled its view cache
+        model = _model(probabilistic=probabilistic, predict_reward=True, grouped_kernel="gather")
+        obs, act = torch.randn(6, 3), torch.randn(6, 2)
+        step = model.member_predictor()  # "gather": the 0-d per-member addmm with and without grad
+        with torch.no_grad():
+            for e in (3, 0, 3, 1, 2):
+                ref = model.predict(obs, act, member_index=torch.tensor(e))
+                out = step(obs, act, torch.tensor(e))
+                assert torch.equal(out.loc, ref.loc) and torch.equal(out.reward, ref.reward)
+                if probabilistic:
+                    assert torch.equal(out.scale, ref.scale)
+                torch.testing.assert_close(out.loc, model.predict(obs, act).loc[e])
+                for p in model.parameters():
+                    p.mul_(1.1)
+
+        def loss(pred):  # through the scale too: max/min_logvar get gradients
+            return pred.loc.sum() + (pred.scale.sum() if probabilistic else 0.0)
+
+        for e in range(4):
+            model.zero_grad()
+            loss(step(obs, act, torch.tensor(e))).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            loss(model.predict(obs, act, member_index=torch.tensor(e))).backward()
+            for g, p in zip(grads, model.parameters()):
+                torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+            first = model.network.layers[0].weight.grad
+            assert first[e].abs().sum() > 0 and first.abs().sum() == first[e].abs().sum()  # member e only
+        for bad in (4, -1):
+            with pytest.raises(IndexError, match=f"member_index {bad} out of range for 4 members"), torch.no_grad():
+                step(obs, act, torch.tensor(bad))
+
     def test_grouped_mm_unaligned_widths_and_weight_updates(self):
         # 3 + 2 inputs, 7 hidden, 3 + 1 outputs x 2 heads: no width is a multiple of 16 bytes
         model = DynamicsEnsemble(3, 2, num_members=3, num_cells=(7,), probabilistic=True, predict_reward=True,

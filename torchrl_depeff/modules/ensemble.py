@@ -923,8 +923,9 @@ class MemberPredictor:
     ``predict(observation, action, member_index)``.
 
     Kernels: a 0-d ``member_index`` runs one ``addmm`` per layer on the member's weight
-    slices (a view on CPU, read with ``torch.narrow`` from host memory; an ``index_select``
-    copy elsewhere, so the index never travels to the host); ``"grouped_mm"`` sorts the rows by
+    slices (on CPU, views of every member's slices taken when the predictor is built, picked
+    with one host read of the index; elsewhere an ``index_select`` copy, so the index never
+    travels to the host); ``"grouped_mm"`` sorts the rows by
     member and runs one :func:`torch.nn.functional.grouped_mm` per layer; ``"gather"``
     evaluates every member on every row (one ``baddbmm`` per layer) and gathers; ``"padded"`` /
     ``"loop"`` use :class:`DynamicsEnsemble`'s packed block / member loop.
@@ -947,7 +948,7 @@ class MemberPredictor:
     __slots__ = (
         "ensemble", "kind", "weights", "biases", "aligned", "acts", "in_loc", "in_scale", "t_loc",
         "t_scale", "obs_dim", "probabilistic", "predict_reward", "max_logvar", "min_logvar", "members",
-        "on_cpu", "inplace",
+        "on_cpu", "inplace", "member_layers", "member_bounds",
     )
 
     def __init__(self, ensemble: DynamicsEnsemble, kind: str, device: torch.device) -> None:
@@ -970,19 +971,50 @@ class MemberPredictor:
         self.members = torch.arange(ensemble.num_members, device=device)
         self.on_cpu = torch.device(device).type == "cpu"
         self.inplace = not torch.is_grad_enabled()
+        # on CPU, each member's weight and bias views, taken at its first use without autograd:
+        # a 0-d member index then costs one host read per call instead of a narrow + select per
+        # tensor and layer (the same views, so the same products bit for bit)
+        self.member_layers: list | None = [None] * ensemble.num_members if self.on_cpu else None
+        self.member_bounds: list | None = [None] * ensemble.num_members if self.on_cpu else None
 
-    def _slice(self, t: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-        # t[member] for a 0-d index without a device synchronisation
-        if self.on_cpu:
-            return torch.narrow(t, 0, member, 1)[0]
-        return t.index_select(0, member.view(1))[0]
+    def _member(self, member: torch.Tensor) -> int:
+        # a 0-d CPU index as a Python int (reading a CPU tensor does not synchronise a device)
+        m = int(member)
+        if not 0 <= m < len(self.member_layers):
+            raise IndexError(f"member_index {m} out of range for {len(self.member_layers)} members")
+        return m
 
-    def _split(self, h: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _layers(self, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # (weight [in, out], bias [out]) views of member m on CPU; kept only when made without
+        # autograd (a view made under no_grad would carry no gradient to the weights)
+        if torch.is_grad_enabled():
+            return [(w[m], b[m]) for w, b in zip(self.weights, self.biases)]
+        layers = self.member_layers[m]
+        if layers is None:
+            layers = self.member_layers[m] = [(w[m], b[m]) for w, b in zip(self.weights, self.biases)]
+        return layers
+
+    def _bounds(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # (max_logvar [d], min_logvar [d]) views of member m on CPU, kept as in _layers
+        if torch.is_grad_enabled():
+            return self.max_logvar[m], self.min_logvar[m]
+        bounds = self.member_bounds[m]
+        if bounds is None:
+            bounds = self.member_bounds[m] = (self.max_logvar[m], self.min_logvar[m])
+        return bounds
+
+    def _split(
+        self, h: torch.Tensor, member: torch.Tensor, m: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # m: the 0-d CPU member index already read as an int
         if not self.probabilistic:
             return h, None
         mean, raw = h.chunk(2, dim=-1)
-        if member.dim() == 0:
-            hi, lo = self._slice(self.max_logvar, member), self._slice(self.min_logvar, member)
+        if m is not None:
+            hi, lo = self._bounds(m)
+        elif member.dim() == 0:
+            sel = member.view(1)
+            hi, lo = self.max_logvar.index_select(0, sel)[0], self.min_logvar.index_select(0, sel)[0]
         else:
             hi, lo = self.max_logvar.index_select(0, member), self.min_logvar.index_select(0, member)
         return mean, self.ensemble._bound_logvar(raw, hi, lo)
@@ -998,11 +1030,12 @@ class MemberPredictor:
         if member.dim() == 0 and self.kind in ("grouped_mm", "gather"):
             h = x
             if self.on_cpu:
-                narrow = torch.narrow
-                for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                m = self._member(member)
+                for i, (w, b) in enumerate(self._layers(m)):
                     if i:
                         h = self._act(i - 1, h)
-                    h = torch.addmm(narrow(b, 0, member, 1)[0], h, narrow(w, 0, member, 1)[0])
+                    h = torch.addmm(b, h, w)
+                return self._split(h, member, m)
             else:
                 sel = member.view(1)
                 for i, (w, b) in enumerate(zip(self.weights, self.biases)):
