@@ -923,8 +923,8 @@ class MemberPredictor:
     ``predict(observation, action, member_index)``.
 
     Kernels: a 0-d ``member_index`` runs one ``addmm`` per layer on the member's weight
-    slices (on CPU, views of every member's slices taken when the predictor is built, picked
-    with one host read of the index; elsewhere an ``index_select`` copy, so the index never
+    slices (on CPU, views of the member's slices kept from its first call without autograd,
+    picked with one host read of the index; elsewhere an ``index_select`` copy, so the index never
     travels to the host); ``"grouped_mm"`` sorts the rows by
     member and runs one :func:`torch.nn.functional.grouped_mm` per layer; ``"gather"``
     evaluates every member on every row (one ``baddbmm`` per layer) and gathers; ``"padded"`` /
@@ -948,7 +948,7 @@ class MemberPredictor:
     __slots__ = (
         "ensemble", "kind", "weights", "biases", "aligned", "acts", "in_loc", "in_scale", "t_loc",
         "t_scale", "obs_dim", "probabilistic", "predict_reward", "max_logvar", "min_logvar", "members",
-        "on_cpu", "inplace", "member_layers", "member_bounds",
+        "on_cpu", "inplace", "member_views",
     )
 
     def __init__(self, ensemble: DynamicsEnsemble, kind: str, device: torch.device) -> None:
@@ -971,47 +971,40 @@ class MemberPredictor:
         self.members = torch.arange(ensemble.num_members, device=device)
         self.on_cpu = torch.device(device).type == "cpu"
         self.inplace = not torch.is_grad_enabled()
-        # on CPU, each member's weight and bias views, taken at its first use without autograd:
-        # a 0-d member index then costs one host read per call instead of a narrow + select per
-        # tensor and layer (the same views, so the same products bit for bit)
-        self.member_layers: list | None = [None] * ensemble.num_members if self.on_cpu else None
-        self.member_bounds: list | None = [None] * ensemble.num_members if self.on_cpu else None
+        # on CPU, each member's (weight, bias) views per layer and its log-variance bounds, taken
+        # at its first use without autograd: a 0-d member index then costs one host read per call
+        # instead of a narrow + select per tensor and layer (the same views, same products)
+        self.member_views: list | None = [None] * ensemble.num_members if self.on_cpu else None
 
     def _member(self, member: torch.Tensor) -> int:
         # a 0-d CPU index as a Python int (reading a CPU tensor does not synchronise a device)
         m = int(member)
-        if not 0 <= m < len(self.member_layers):
-            raise IndexError(f"member_index {m} out of range for {len(self.member_layers)} members")
+        if not 0 <= m < len(self.member_views):
+            raise IndexError(f"member_index {m} out of range for {len(self.member_views)} members")
         return m
 
-    def _layers(self, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # (weight [in, out], bias [out]) views of member m on CPU; kept only when made without
-        # autograd (a view made under no_grad would carry no gradient to the weights)
-        if torch.is_grad_enabled():
-            return [(w[m], b[m]) for w, b in zip(self.weights, self.biases)]
-        layers = self.member_layers[m]
-        if layers is None:
-            layers = self.member_layers[m] = [(w[m], b[m]) for w, b in zip(self.weights, self.biases)]
-        return layers
-
-    def _bounds(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # (max_logvar [d], min_logvar [d]) views of member m on CPU, kept as in _layers
-        if torch.is_grad_enabled():
-            return self.max_logvar[m], self.min_logvar[m]
-        bounds = self.member_bounds[m]
-        if bounds is None:
-            bounds = self.member_bounds[m] = (self.max_logvar[m], self.min_logvar[m])
-        return bounds
+    def _views(self, m: int) -> tuple[list, tuple[torch.Tensor, torch.Tensor] | None]:
+        # ([(weight [in, out], bias [out])], (max_logvar [d], min_logvar [d]) or None) of member m;
+        # kept only when made without autograd (a view made under no_grad carries no gradient)
+        keep = not torch.is_grad_enabled()
+        views = self.member_views[m] if keep else None
+        if views is None:
+            layers = [(w[m], b[m]) for w, b in zip(self.weights, self.biases)]
+            bounds = (self.max_logvar[m], self.min_logvar[m]) if self.probabilistic else None
+            views = (layers, bounds)
+            if keep:
+                self.member_views[m] = views
+        return views
 
     def _split(
-        self, h: torch.Tensor, member: torch.Tensor, m: int | None = None
+        self, h: torch.Tensor, member: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # m: the 0-d CPU member index already read as an int
+        # bounds: a 0-d CPU member's (max_logvar, min_logvar) views from _views
         if not self.probabilistic:
             return h, None
         mean, raw = h.chunk(2, dim=-1)
-        if m is not None:
-            hi, lo = self._bounds(m)
+        if bounds is not None:
+            hi, lo = bounds
         elif member.dim() == 0:
             sel = member.view(1)
             hi, lo = self.max_logvar.index_select(0, sel)[0], self.min_logvar.index_select(0, sel)[0]
@@ -1030,18 +1023,17 @@ class MemberPredictor:
         if member.dim() == 0 and self.kind in ("grouped_mm", "gather"):
             h = x
             if self.on_cpu:
-                m = self._member(member)
-                for i, (w, b) in enumerate(self._layers(m)):
+                layers, bounds = self._views(self._member(member))
+                for i, (w, b) in enumerate(layers):
                     if i:
                         h = self._act(i - 1, h)
                     h = torch.addmm(b, h, w)
-                return self._split(h, member, m)
-            else:
-                sel = member.view(1)
-                for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-                    if i:
-                        h = self._act(i - 1, h)
-                    h = torch.addmm(b.index_select(0, sel)[0], h, w.index_select(0, sel)[0])
+                return self._split(h, member, bounds)
+            sel = member.view(1)
+            for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                if i:
+                    h = self._act(i - 1, h)
+                h = torch.addmm(b.index_select(0, sel)[0], h, w.index_select(0, sel)[0])
             return self._split(h, member)
         if member.dim() == 0:
             member = member.expand(x.shape[0])
