@@ -924,9 +924,9 @@ class MemberPredictor:
 
     Kernels: a 0-d ``member_index`` runs one ``addmm`` per layer on the member's weight
     slices (on CPU, views of the member's slices kept from its first call without autograd,
-    picked with one host read of the index; elsewhere an ``index_select`` copy, so the index never
-    travels to the host); ``"grouped_mm"`` sorts the rows by
-    member and runs one :func:`torch.nn.functional.grouped_mm` per layer; ``"gather"``
+    picked with one host read of the index; elsewhere an ``index_select`` copy, so the index
+    never travels to the host); ``"grouped_mm"`` sorts the rows by member and runs one
+    :func:`torch.nn.functional.grouped_mm` per layer; ``"gather"``
     evaluates every member on every row (one ``baddbmm`` per layer) and gathers; ``"padded"`` /
     ``"loop"`` use :class:`DynamicsEnsemble`'s packed block / member loop.
 
